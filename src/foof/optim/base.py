@@ -1,0 +1,271 @@
+"""What every curvature optimizer in foof shares: capture, the update, state, validation.
+
+A method only says which statistics it needs on a step, how it turns them into curvature, and
+how it preconditions a layer's gradient matrix; :class:`CurvatureOptimizer` does the rest
+(hooks, momentum, weight decay, the SGD fallback for unsupported layers, the step counter,
+checkpoints) the same way for all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from foof.capture import Capture, is_supported, warn_unsupported
+from foof.curvature.sampling import FisherSampler
+
+
+def gradient_matrix(module: nn.Module, zero_if_missing: bool = False) -> Tensor | None:
+    """The layer's gradient as one matrix ``Ĝ = [∇W, ∇b]``: ``(out, in_dim)``, or None.
+
+    ``in_dim`` is ``in_features`` (Linear) or ``C_in·kh·kw`` (Conv2d), plus one column for the
+    bias when the layer has one (a frozen bias contributes a zero column). A layer without a
+    gradient gives None, or zeros with ``zero_if_missing``.
+    """
+    weight = module.weight
+    if weight.grad is None:
+        if not zero_if_missing:
+            return None
+        grad = torch.zeros_like(weight).flatten(1)
+    else:
+        grad = weight.grad.flatten(1)
+    if module.bias is not None:
+        bias_grad = module.bias.grad
+        if bias_grad is None:
+            bias_grad = torch.zeros_like(module.bias)
+        grad = torch.cat([grad, bias_grad.unsqueeze(1)], dim=1)
+    return grad
+
+
+def check_range(
+    name: str,
+    value: Any,
+    low: float,
+    high: float | None = None,
+    *,
+    high_open: bool = False,
+    allow_none: bool = False,
+) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``low <= value <= high`` (or ``< high``)."""
+    if value is None and allow_none:
+        return
+    bound = "" if high is None else (f" and < {high}" if high_open else f" and <= {high}")
+    message = f"{name} must be >= {low}{bound}, got {value!r}"
+    try:
+        ok = value >= low and (high is None or (value < high if high_open else value <= high))
+    except TypeError as error:
+        raise ValueError(message) from error
+    if not ok or isinstance(value, bool):
+        raise ValueError(message)
+
+
+def check_int(name: str, value: Any, low: int, *, allow_none: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer ``>= low``."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+class CurvatureOptimizer(torch.optim.Optimizer):
+    """Base class: a ``torch.optim.Optimizer`` that preconditions Linear/Conv2d layers.
+
+    Subclasses implement :meth:`update_curvature` (turn this step's captured statistics into
+    whatever they invert) and :meth:`precondition` (map a layer's gradient matrix ``Ĝ`` to the
+    direction ``D``). This class then applies, per parameter group hyperparameters:
+
+    * momentum as in ``torch.optim.SGD`` on ``D`` (``buf = momentum·buf + D``),
+    * decoupled weight decay ``W ← W − lr·weight_decay·W``,
+    * ``W ← W − lr·buf``,
+
+    and gives every parameter that no supported layer owns (BatchNorm, embeddings, ...) the same
+    rule with ``D = ∇`` (plain SGD with momentum), after one warning naming those parameters.
+
+    All hyperparameters live in the single parameter group, so LR schedulers and manual edits
+    of ``param_groups[0]`` work as with any torch optimizer. The step counter is
+    ``param_groups[0]["step"]``; per-layer state (factors, inverses, momentum) is stored under
+    the layer's weight and is saved by ``state_dict()``.
+    """
+
+    #: state keys holding curvature factors; kept in their own dtype across load_state_dict.
+    factor_keys: tuple[str, ...] = ()
+    #: the Fisher's extra backward pass, for methods that need one (KFAC, natural gradients).
+    sampler: FisherSampler | None = None
+
+    def __init__(self, model: nn.Module, defaults: dict[str, Any]) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"{type(self).__name__} takes the model (an nn.Module), got "
+                f"{type(model).__name__}; it hooks into the model's layers to capture their inputs"
+            )
+        check_range("lr", defaults.get("lr"), 0.0)
+        check_range("momentum", defaults.get("momentum", 0.0), 0.0, 1.0, high_open=True)
+        check_range("weight_decay", defaults.get("weight_decay", 0.0), 0.0)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        super().__init__([{"params": params, "step": 0}], defaults)
+        self.layers: dict[str, nn.Module] = {
+            name: m
+            for name, m in model.named_modules()
+            if is_supported(m) and m.weight.requires_grad
+        }
+        owned = {id(p) for m in self.layers.values() for p in m.parameters(recurse=False)}
+        self.other_params = [p for p in params if id(p) not in owned]
+        warn_unsupported(model, type(self).__name__)
+        self.capture = Capture(
+            model,
+            record_inputs=self.wants_inputs,
+            record_outputs=self.wants_outputs,
+            record_output_grads=self.wants_output_grads,
+        )
+
+    # -- what a method needs captured on the coming step (asked at forward time) --------------
+    @property
+    def step_count(self) -> int:
+        """Number of optimizer steps taken so far."""
+        return self.param_groups[0]["step"]
+
+    def wants_inputs(self) -> bool:
+        """Whether this step's forward should record layer inputs ``A``."""
+        return False
+
+    def wants_outputs(self) -> bool:
+        """Whether this step's forward should keep layer outputs for extra backward passes."""
+        return False
+
+    def wants_output_grads(self) -> bool:
+        """Whether this step's backward should record output gradients ``E``."""
+        return False
+
+    # -- the method's own part ------------------------------------------------------------------
+    def update_curvature(self, group: dict[str, Any]) -> None:
+        """Update per-layer curvature from ``self.capture`` before the parameter update."""
+        raise NotImplementedError
+
+    def precondition(self, module: nn.Module, grad: Tensor, group: dict[str, Any]) -> Tensor:
+        """Map the gradient matrix ``grad`` ``(out, in_dim)`` of ``module`` to its direction."""
+        raise NotImplementedError
+
+    # -- the shared part --------------------------------------------------------------------
+    def backward(self, loss: Tensor, output: Tensor | None = None) -> None:
+        """Backward pass of the uniform training step; here just ``loss.backward()``.
+
+        Methods that need extra passes (an MC-sampled Fisher) override this; the parameter
+        gradients are always those of ``loss`` alone.
+        """
+        loss.backward()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients and the captured statistics, which share the same scope."""
+        super().zero_grad(set_to_none=set_to_none)
+        self.capture.clear()
+        if self.sampler is not None:
+            self.sampler.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim``'s state dict, plus the Fisher sampler's generator if there is one."""
+        state = super().state_dict()
+        if self.sampler is not None:
+            state["fisher_sampler"] = self.sampler.state_dict()
+        return state
+
+    def layer_items(self) -> Iterator[tuple[str, nn.Module, dict[str, Any]]]:
+        """``(name, module, state)`` per preconditioned layer; state lives under the weight."""
+        for name, module in self.layers.items():
+            yield name, module, self.state[module.weight]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Take one optimization step (see the class docstring for the update)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        # Curvature algebra stays in the factors' precision even if step() runs under autocast.
+        with torch.autocast(device_type=group["params"][0].device.type, enabled=False):
+            self.update_curvature(group)
+            for _, module, state in self.layer_items():
+                grad = gradient_matrix(module)
+                if grad is None:
+                    continue
+                direction = self.precondition(module, grad, group)
+                self._apply(state, [module.weight, module.bias], direction, group)
+            for param in self.other_params:
+                if param.grad is not None:
+                    self._apply(self.state[param], [param], param.grad, group)
+        group["step"] += 1
+        self.capture.clear()
+        return loss
+
+    @staticmethod
+    def _apply(
+        state: dict[str, Any], params: list, direction: Tensor, group: dict[str, Any]
+    ) -> None:
+        """Momentum, decoupled weight decay and the update of the parameters in ``params``.
+
+        ``direction`` is the joint ``[W, b]`` matrix for a layer (split back by column), or the
+        parameter-shaped gradient for a plain parameter.
+        """
+        momentum = group["momentum"]
+        if momentum > 0:
+            buffer = state.get("momentum_buffer")
+            if buffer is None:
+                buffer = state["momentum_buffer"] = direction.clone()
+            else:
+                buffer.mul_(momentum).add_(direction)
+            direction = buffer
+        lr, weight_decay = group["lr"], group["weight_decay"]
+        if len(params) == 2 and params[1] is not None:
+            pairs = [(params[0], direction[:, :-1]), (params[1], direction[:, -1])]
+        else:
+            pairs = [(params[0], direction)]
+        for param, param_direction in pairs:
+            if not param.requires_grad:
+                continue
+            if weight_decay:
+                param.mul_(1.0 - lr * weight_decay)
+            param.add_(param_direction.reshape(param.shape).to(param.dtype), alpha=-lr)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`, keeping curvature factors in their saved dtype.
+
+        ``torch.optim`` casts state to each parameter's dtype; factors of a bf16 model are
+        float32 by design, so they are put back as they were saved.
+        """
+        state_dict = dict(state_dict)
+        sampler_state = state_dict.pop("fisher_sampler", None)
+        if self.sampler is not None and sampler_state is not None:
+            self.sampler.load_state_dict(sampler_state)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        saved = {
+            i: {k: v for k, v in state_dict["state"].get(i, {}).items() if k in self.factor_keys}
+            for i in ids
+        }
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for position, i in enumerate(ids):
+            for key, value in saved[i].items():
+                if isinstance(value, Tensor):
+                    value = value.to(device=params[position].device, copy=True)
+                self.state[params[position]][key] = value
+
+    def close(self) -> None:
+        """Remove the hooks from the model. The optimizer can no longer capture afterwards."""
+        self.capture.close()
+
+    def __enter__(self) -> CurvatureOptimizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

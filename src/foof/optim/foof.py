@@ -1,0 +1,99 @@
+"""FOOF: gradient descent on neurons (paper eq. 6, Algorithm 1)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from foof.curvature.linalg import damped_inverse
+from foof.optim.kronecker import KroneckerFactoredOptimizer, is_stats_step
+
+__all__ = ["FOOF", "is_stats_step"]
+
+
+class FOOF(KroneckerFactoredOptimizer):
+    r"""First-Order Optimizer on Functions: gradient descent on neurons (Benzing, 2022).
+
+    Each layer's gradient is preconditioned by the damped inverse of its input covariance
+    (paper eq. 6, Algorithm 1)::
+
+        Σ_l ← ema_decay·Σ_l + (1 − ema_decay)·(1/R) Σ_r ā_r ā_rᵀ      (on statistics steps)
+        P_l = (Σ_l + damping·I)⁻¹                                     (every inv_every steps)
+        D_l = Ĝ_l · P_l
+        buf ← momentum·buf + D_l;  W ← W − lr·weight_decay·W;  W ← W − lr·buf
+
+    Conventions:
+        * ``Ĝ_l`` is the layer's gradient ``[∇W, ∇b]`` as an ``(out, in_dim)`` matrix (a Conv2d
+          weight is flattened to ``(C_out, C_in·kh·kw)``), so weight and bias are preconditioned
+          jointly.
+        * ``ā_r`` is an input row with a 1 appended when the layer has a bias. Rows are samples for
+          Linear and (sample, output position) pairs for Conv2d (unfolded patches), and
+          ``Σ_l`` is the *mean* over rows, so ``damping`` does not depend on the batch size.
+        * The EMA is normalised by initialising it with the first batch: ``ema_decay=0`` means
+          "this batch only".
+        * On each step the statistics are updated first, then (every ``inv_every`` steps,
+          starting at step 0) inverted, then used; so the very first step already uses its own
+          batch and no warm-up pass is needed. ``stats_steps=S`` updates ``Σ`` only on the ``S``
+          steps ending with each inversion (Algorithm 1, line 10); on other steps the inputs are
+          not even recorded.
+        * ``P_l`` comes from a Cholesky factorisation (eigendecomposition fallback with a
+          warning if it fails). Factors are kept on the parameters' device in float32 (float64
+          for a float64 model), also when the forward pass runs under bf16/fp16 autocast.
+        * Statistics are recorded only by forward passes in training mode with autograd on; an
+          evaluation pass under ``model.eval()`` or ``torch.no_grad()`` touches nothing.
+        * Parameters of unsupported layers (anything but Linear and ungrouped Conv2d) get plain
+          SGD with the same lr, momentum and weight decay; a warning names them.
+
+    Args:
+        model: the network. FOOF hooks into its layers, so it takes the model, not parameters.
+        lr: learning rate ``η >= 0``.
+        damping: ``λ >= 0`` added to ``Σ_l`` before inversion.
+        ema_decay: ``m ∈ [0, 1)``, decay of the moving average of ``Σ_l``.
+        inv_every: ``T >= 1``, inversion period.
+        stats_steps: ``S ∈ [1, T]`` statistics steps before each inversion, ``None`` for all.
+        momentum: heavy-ball momentum in ``[0, 1)`` as in ``torch.optim.SGD``.
+        weight_decay: decoupled weight decay ``>= 0``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(784, 100, bias=False), nn.ReLU(),
+        ...                       nn.Linear(100, 10, bias=False))
+        >>> opt = FOOF(model, lr=0.1, damping=1.0)
+        >>> x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+        >>> opt.zero_grad()
+        >>> nn.functional.cross_entropy(model(x), y).backward()
+        >>> opt.step()
+
+    Reference:
+        F. Benzing. Gradient Descent on Neurons and its Link to Approximate Second-Order
+        Optimization. ICML 2022. Eq. 6 and Algorithm 1.
+    """
+
+    factor_keys = ("input_covariance", "inverse")
+    inverse_keys = ("inverse",)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        damping: float,
+        ema_decay: float = 0.95,
+        inv_every: int = 1,
+        stats_steps: int | None = None,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(
+            model, lr, damping, ema_decay, inv_every, stats_steps, momentum, weight_decay
+        )
+
+    def invert(self, name: str, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """``P_l = (Σ_l + λI)⁻¹``."""
+        state["inverse"] = damped_inverse(state["input_covariance"], group["damping"])
+
+    def precondition(self, module: nn.Module, grad: Tensor, group: dict[str, Any]) -> Tensor:
+        """``D = Ĝ · P`` (paper eq. 6): ``(out, in_dim) @ (in_dim, in_dim)``."""
+        inverse = self.state[module.weight]["inverse"]
+        return (grad.to(inverse.dtype) @ inverse).to(grad.dtype)

@@ -1,0 +1,213 @@
+"""KFAC with heuristic or standard damping and an MC, full or empirical Fisher."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from foof.curvature.kronecker import (
+    eigendecomposition,
+    heuristic_inverses,
+    pi_factor,
+    standard_damped_solve,
+)
+from foof.curvature.linalg import damped_inverse
+from foof.curvature.sampling import FISHER_TYPES, LIKELIHOODS, FisherSampler
+from foof.optim.base import check_choice
+from foof.optim.kronecker import KroneckerFactoredOptimizer
+
+DAMPING_MODES = ("heuristic", "standard")
+
+
+class KFAC(KroneckerFactoredOptimizer):
+    r"""Kronecker-Factored Approximate Curvature (Martens & Grosse, 2015), as in the paper.
+
+    Per layer, with ``Ĝ`` the gradient matrix ``[∇W, ∇b]`` ``(out, in_dim)``::
+
+        Ā = EMA of (1/R) Σ_r ā_r ā_rᵀ              (in_dim, in_dim), as FOOF's Σ
+        Ḡ = EMA of (1/B) Σ_k Σ_r e_{k,r} e_{k,r}ᵀ   (out, out), e at the Fisher's labels
+        heuristic (eq. 2):  D = (Ḡ + √λ/π I)⁻¹ Ĝ (Ā + π√λ I)⁻¹,  π = sqrt((tr Ā/dim Ā)/(tr Ḡ/dim Ḡ))
+        standard  (eq. 3):  D = mat((Ā ⊗ Ḡ + λI)⁻¹ vec Ĝ)   (via eigendecompositions)
+        second_factor=False: D = Ĝ (Ā + π√λ I)⁻¹   (FOOF with KFAC's λ_A, App. D.9)
+
+    then momentum, decoupled weight decay and ``W ← W − lr·D`` as in :class:`foof.FOOF`.
+
+    Conventions:
+        * The loss is the mean over the batch of ``−log p(y_i|x_i)``; ``likelihood`` says which
+          (``"categorical"``: softmax cross-entropy on logits; ``"gaussian"``: unit-variance
+          Gaussian, i.e. ``½‖y − f‖²`` per sample, the mean-squared-error case).
+        * ``fisher="mc"``: ``e_i`` at one label sampled from the model per input; ``"full"``: all
+          labels weighted by ``p(y|x_i)`` (``Ḡ = (1/B) Σ_i Σ_y p(y|x_i) e_i(y) e_i(y)ᵀ``);
+          ``"empirical"``: the dataset label. ``e_i`` is the gradient of one sample's
+          ``−log p`` w.r.t. the layer output (not divided by ``B``).
+        * Conv2d: rows are (sample, position) pairs; ``Ā`` is the mean over rows and ``Ḡ`` the
+          mean over samples of the sum over positions, so ``Ā ⊗ Ḡ`` equals KFC's ``Ω ⊗ Γ``
+          (Grosse & Martens, 2016).
+        * EMAs are normalised (initialised with the first batch); ``ema_decay=0`` is the
+          paper's *subsampled KFAC* (App. D.1). Statistics and, for mc/full, the extra backward
+          pass happen only on the ``stats_steps`` steps before each inversion; inverses are
+          recomputed every ``inv_every`` steps.
+
+    The training step must call ``opt.backward(loss, output)`` instead of ``loss.backward()``:
+    it runs the Fisher's own backward pass (sampled labels) on statistics steps without touching
+    the parameter gradients, then ``loss.backward()``.
+
+    Args:
+        model: the network.
+        lr: learning rate.
+        damping: ``λ >= 0`` (``> 0`` for standard damping).
+        damping_mode: ``"heuristic"`` or ``"standard"``.
+        fisher: ``"mc"``, ``"full"`` or ``"empirical"``.
+        ema_decay: decay of the factor EMAs in ``[0, 1)``.
+        inv_every: inversion period ``>= 1``.
+        stats_steps: statistics steps before each inversion, ``None`` for every step.
+        momentum: heavy-ball momentum in ``[0, 1)``.
+        weight_decay: decoupled weight decay.
+        likelihood: ``"categorical"`` or ``"gaussian"``.
+        second_factor: if False, drop ``Ḡ`` from the update (``π`` still uses it).
+        seed: seed of the generator for MC labels; ``None`` draws it from torch's global RNG.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5))
+        >>> opt = KFAC(model, lr=0.1, damping=1e-2)
+        >>> x, y = torch.randn(16, 20), torch.randint(0, 5, (16,))
+        >>> opt.zero_grad()
+        >>> logits = model(x)
+        >>> loss = nn.functional.cross_entropy(logits, y)
+        >>> opt.backward(loss, logits)
+        >>> opt.step()
+
+    References:
+        Martens & Grosse, ICML 2015; Grosse & Martens, ICML 2016; George et al., NeurIPS 2018;
+        Benzing, ICML 2022, eqs. 2-3 and App. D.
+    """
+
+    uses_gradient_factor = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        damping: float,
+        damping_mode: str = "heuristic",
+        fisher: str = "mc",
+        ema_decay: float = 0.95,
+        inv_every: int = 1,
+        stats_steps: int | None = None,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        likelihood: str = "categorical",
+        second_factor: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        check_choice("damping_mode", damping_mode, DAMPING_MODES)
+        check_choice("fisher", fisher, FISHER_TYPES)
+        check_choice("likelihood", likelihood, LIKELIHOODS)
+        if damping_mode == "standard" and not damping > 0:
+            raise ValueError(f"damping must be > 0 for standard damping, got {damping!r}")
+        if damping_mode == "standard" and not second_factor:
+            raise ValueError("second_factor=False is defined for heuristic damping only")
+        super().__init__(
+            model,
+            lr,
+            damping,
+            ema_decay,
+            inv_every,
+            stats_steps,
+            momentum,
+            weight_decay,
+            damping_mode=damping_mode,
+            fisher=fisher,
+            likelihood=likelihood,
+            second_factor=second_factor,
+        )
+        self.sampler = FisherSampler(fisher, likelihood, seed)
+
+    factor_keys = (
+        "input_covariance",
+        "gradient_covariance",
+        "input_inverse",
+        "gradient_inverse",
+        "input_eigenvalues",
+        "input_eigenvectors",
+        "gradient_eigenvalues",
+        "gradient_eigenvectors",
+    )
+
+    @property
+    def inverse_keys(self) -> tuple[str, ...]:  # type: ignore[override]
+        """State keys the current damping mode needs."""
+        if self.param_groups[0]["damping_mode"] == "standard":
+            return ("input_eigenvectors", "gradient_eigenvectors")
+        return (
+            ("input_inverse",)
+            if not self.param_groups[0]["second_factor"]
+            else (
+                "input_inverse",
+                "gradient_inverse",
+            )
+        )
+
+    # -- capture: what a statistics step needs --------------------------------------------------
+    def wants_outputs(self) -> bool:
+        """Keep layer outputs for the Fisher backward (mc/full) on statistics steps."""
+        return self.param_groups[0]["fisher"] != "empirical" and self.is_stats_step()
+
+    def wants_output_grads(self) -> bool:
+        """Record the training loss's output gradients (empirical Fisher) on statistics steps."""
+        return self.param_groups[0]["fisher"] == "empirical" and self.is_stats_step()
+
+    def backward(self, loss: Tensor, output: Tensor | None = None) -> None:
+        """The Fisher's backward pass on statistics steps (mc/full), then ``loss.backward()``.
+
+        Args:
+            loss: the training loss (mean over the batch).
+            output: the network output ``(B, C)`` the loss was computed from.
+        """
+        self.sampler.backward(self.capture, loss, output, active=self.is_stats_step())
+
+    def gradient_rows(self) -> tuple[dict[nn.Module, Tensor], int]:
+        """The per-layer Fisher output gradients of this step's :meth:`backward`."""
+        return self.sampler.pop() or ({}, 0)
+
+    # -- curvature ---------------------------------------------------------------------------
+    def invert(self, name: str, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """Damped inverses (heuristic) or eigendecompositions (standard) of both factors."""
+        input_cov, gradient_cov = state["input_covariance"], state["gradient_covariance"]
+        if group["damping_mode"] == "standard":
+            a, q_a = eigendecomposition(input_cov)
+            g, q_g = eigendecomposition(gradient_cov)
+            state.update(
+                input_eigenvalues=a,
+                input_eigenvectors=q_a,
+                gradient_eigenvalues=g,
+                gradient_eigenvectors=q_g,
+            )
+        elif group["second_factor"]:
+            state["input_inverse"], state["gradient_inverse"] = heuristic_inverses(
+                input_cov, gradient_cov, group["damping"]
+            )
+        else:
+            pi = pi_factor(input_cov, gradient_cov)
+            state["input_inverse"] = damped_inverse(input_cov, pi * group["damping"] ** 0.5)
+
+    def precondition(self, module: nn.Module, grad: Tensor, group: dict[str, Any]) -> Tensor:
+        """Heuristic: ``(Ḡ+√λ/π I)⁻¹ Ĝ (Ā+π√λ I)⁻¹``; standard: ``mat((Ā⊗Ḡ+λI)⁻¹ vec Ĝ)``."""
+        state = self.state[module.weight]
+        dtype = state["input_covariance"].dtype
+        g = grad.to(dtype)
+        if group["damping_mode"] == "standard":
+            direction = standard_damped_solve(
+                g,
+                (state["input_eigenvalues"], state["input_eigenvectors"]),
+                (state["gradient_eigenvalues"], state["gradient_eigenvectors"]),
+                group["damping"],
+            )
+        elif group["second_factor"]:
+            direction = state["gradient_inverse"] @ g @ state["input_inverse"]
+        else:
+            direction = g @ state["input_inverse"]
+        return direction.to(grad.dtype)

@@ -1,0 +1,185 @@
+"""Exact natural gradients for the subsampled Fisher, through the Woodbury identity (App. I)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from foof.curvature.sampling import FISHER_TYPES, LIKELIHOODS, FisherSampler
+from foof.curvature.woodbury import LayerFisherData, damped_inverse_mv
+from foof.optim.base import (
+    CurvatureOptimizer,
+    check_choice,
+    check_int,
+    check_range,
+    gradient_matrix,
+)
+
+FISHER_BATCHES = ("same", "previous")
+
+
+class NaturalGradient(CurvatureOptimizer):
+    r"""Exact damped natural gradient ``(λI + F)⁻¹ ∇L`` for the subsampled Fisher.
+
+    ``F = (1/B) Σ_i E_{y~p(·|x_i)}[g_i(y) g_i(y)ᵀ]`` is the Fisher of one mini-batch (see
+    :class:`foof.KFAC` for the ``fisher`` and ``likelihood`` conventions). Writing ``F = G Gᵀ``
+    with ``M = K·B`` columns (``K = 1`` for mc/empirical, the number of classes for full), the
+    Woodbury identity gives (paper App. I, eqs. 20-23)::
+
+        (λI + G Gᵀ)⁻¹ ∇L = (∇L − G (λI + GᵀG)⁻¹ Gᵀ ∇L) / λ
+
+    where ``Gᵀ∇L``, ``G w`` and the ``M×M`` Gram matrix ``GᵀG = Σ_l (A_l A_lᵀ) ∘ (E_l E_lᵀ)`` are
+    computed from the captured per-layer inputs ``A`` and output gradients ``E``: no per-sample
+    gradient of a Linear layer and no parameters² matrix is ever formed, and no second forward
+    pass is needed. ``block_diagonal=True`` applies the same per layer (paper Fig. 2B/2C).
+
+    Then momentum, decoupled weight decay and ``θ ← θ − lr·D`` as in :class:`foof.FOOF`.
+    Parameters of unsupported layers (BatchNorm, ...) are outside ``F`` and get plain SGD.
+
+    Args:
+        model: the network.
+        lr: learning rate.
+        damping: ``λ > 0``.
+        fisher: ``"mc"``, ``"full"`` or ``"empirical"``.
+        block_diagonal: use only the per-layer blocks of ``F``.
+        fisher_batch: ``"same"``: the Fisher of the current mini-batch; ``"previous"``: of the
+            previous (independent) mini-batch, App. I.5 (the first step uses its own batch).
+        inv_every: the Fisher batch is refreshed every ``inv_every`` steps and reused between.
+        momentum: heavy-ball momentum in ``[0, 1)``.
+        weight_decay: decoupled weight decay.
+        likelihood: ``"categorical"`` or ``"gaussian"``.
+        seed: seed of the MC label generator (``None``: from torch's global RNG).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5))
+        >>> opt = NaturalGradient(model, lr=0.1, damping=1e-2, fisher="full")
+        >>> x, y = torch.randn(16, 20), torch.randint(0, 5, (16,))
+        >>> opt.zero_grad()
+        >>> logits = model(x)
+        >>> opt.backward(nn.functional.cross_entropy(logits, y), logits)
+        >>> opt.step()
+    """
+
+    factor_keys = ("fisher_inputs", "fisher_output_grads")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        damping: float,
+        fisher: str = "mc",
+        block_diagonal: bool = False,
+        fisher_batch: str = "same",
+        inv_every: int = 1,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        likelihood: str = "categorical",
+        seed: int | None = None,
+    ) -> None:
+        check_range("damping", damping, 0.0)
+        if not damping > 0:
+            raise ValueError(f"damping must be > 0 for natural gradients, got {damping!r}")
+        check_choice("fisher", fisher, FISHER_TYPES)
+        check_choice("fisher_batch", fisher_batch, FISHER_BATCHES)
+        check_choice("likelihood", likelihood, LIKELIHOODS)
+        check_int("inv_every", inv_every, 1)
+        defaults: dict[str, Any] = dict(
+            lr=lr,
+            damping=damping,
+            fisher=fisher,
+            block_diagonal=bool(block_diagonal),
+            fisher_batch=fisher_batch,
+            inv_every=inv_every,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            likelihood=likelihood,
+        )
+        super().__init__(model, defaults)
+        self.sampler = FisherSampler(fisher, likelihood, seed)
+        self._directions: dict[nn.Module, Tensor] = {}
+
+    def is_refresh_step(self) -> bool:
+        """Whether this step takes a new Fisher batch."""
+        group = self.param_groups[0]
+        return group["step"] % group["inv_every"] == 0
+
+    def wants_inputs(self) -> bool:
+        """Record ``A`` on steps that refresh the Fisher batch."""
+        return self.is_refresh_step()
+
+    def wants_outputs(self) -> bool:
+        """Keep layer outputs for the Fisher backward (mc/full) on refresh steps."""
+        return self.param_groups[0]["fisher"] != "empirical" and self.is_refresh_step()
+
+    def wants_output_grads(self) -> bool:
+        """Record the loss's output gradients (empirical Fisher) on refresh steps."""
+        return self.param_groups[0]["fisher"] == "empirical" and self.is_refresh_step()
+
+    def backward(self, loss: Tensor, output: Tensor | None = None) -> None:
+        """The Fisher's backward pass on refresh steps, then ``loss.backward()``.
+
+        Args:
+            loss: the training loss (mean over the batch).
+            output: the network output ``(B, C)`` the loss was computed from.
+        """
+        self.sampler.backward(self.capture, loss, output, active=self.is_refresh_step())
+
+    def fisher_data(self) -> list[tuple[nn.Module, LayerFisherData]]:
+        """The stored Fisher batch: ``A``/``E`` per layer (see :mod:`foof.curvature.woodbury`)."""
+        data = []
+        for _, module, state in self.layer_items():
+            if "fisher_inputs" in state:
+                data.append(
+                    (
+                        module,
+                        LayerFisherData(
+                            state["fisher_inputs"],
+                            state["fisher_output_grads"],
+                            state["fisher_batch_size"],
+                        ),
+                    )
+                )
+        return data
+
+    def _store_current_batch(self) -> None:
+        pending = self.sampler.pop()
+        if pending is None:
+            raise RuntimeError(
+                "NaturalGradient: no Fisher statistics for this step. Run the forward pass in "
+                "train() mode with autograd enabled and call opt.backward(loss, output)."
+            )
+        grads, batch_size = pending
+        for name, module, state in self.layer_items():
+            inputs = self.capture.inputs(module)
+            if inputs is None or module not in grads:
+                raise RuntimeError(f"NaturalGradient: layer {name!r} took no part in the forward")
+            state["fisher_inputs"] = inputs
+            state["fisher_output_grads"] = grads[module].to(inputs.dtype)
+            state["fisher_batch_size"] = batch_size
+
+    def update_curvature(self, group: dict[str, Any]) -> None:
+        """Choose the Fisher batch, then solve for every layer's direction at once."""
+        refresh = self.is_refresh_step()
+        previous = group["fisher_batch"] == "previous"
+        has_stored = all("fisher_inputs" in s for _, _, s in self.layer_items())
+        if refresh and (not previous or not has_stored):
+            self._store_current_batch()
+        modules = [m for _, m, _ in self.layer_items()]
+        grads = [gradient_matrix(m, zero_if_missing=True) for m in modules]
+        data = self.fisher_data()
+        directions = damped_inverse_mv(
+            [d for _, d in data],
+            [g.to(d.inputs.dtype) for g, (_, d) in zip(grads, data)],
+            group["damping"],
+            group["block_diagonal"],
+        )
+        self._directions = dict(zip(modules, directions))
+        if refresh and previous and has_stored:
+            self._store_current_batch()
+
+    def precondition(self, module: nn.Module, grad: Tensor, group: dict[str, Any]) -> Tensor:
+        """The layer's block of ``(λI + F)⁻¹ ∇L`` computed in :meth:`update_curvature`."""
+        return self._directions.pop(module).to(grad.dtype)

@@ -1,0 +1,127 @@
+import pytest
+import torch
+from torch import nn
+
+from foof import NaturalGradient
+from foof.curvature.woodbury import LayerFisherData
+from tests.cases import CASE_IDS, CASES
+from tests.reference import (
+    dense_fisher,
+    flat_gradient,
+    flatten_layer_matrices,
+    mc_labels,
+    supported_layers,
+)
+
+TOL = dict(rtol=1e-8, atol=1e-12)  # the acceptance bar: <= 1e-8 relative, float64
+
+
+def cross_entropy(logits, y):
+    return nn.functional.cross_entropy(logits, y)
+
+
+def flat_params(model):
+    return flatten_layer_matrices(
+        model, {k: v.detach().clone() for k, v in model.named_parameters()}
+    )
+
+
+def one_step(model, opt, x, y):
+    before = flat_params(model)
+    opt.zero_grad()
+    logits = model(x)
+    opt.backward(cross_entropy(logits, y), logits)
+    opt.step()
+    return (before - flat_params(model)) / opt.param_groups[0]["lr"]
+
+
+def block_diagonal(model, matrix):
+    mask = torch.zeros_like(matrix, dtype=torch.bool)
+    start = 0
+    for _, m in supported_layers(model):
+        size = sum(p.numel() for p in m.parameters(recurse=False))
+        mask[start : start + size, start : start + size] = True
+        start += size
+    return matrix * mask
+
+
+def natural_direction(fisher, grad, damping):
+    return torch.linalg.solve(fisher + damping * torch.eye(len(fisher), dtype=fisher.dtype), grad)
+
+
+@pytest.mark.parametrize("block", [False, True], ids=["full-matrix", "block-diagonal"])
+@pytest.mark.parametrize("fisher", ["full", "mc", "empirical"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_update_is_exact_damped_natural_gradient(case, fisher, block):
+    """(λI + F)⁻¹ ∇L against the explicit Fisher from per-sample Jacobians (torch.func)."""
+    model = case.model()
+    x, y = case.batch()
+    damping, seed = 0.05, 7
+    labels = {"full": None, "mc": mc_labels(model, x, seed), "empirical": y}[fisher]
+    dense = dense_fisher(model, x, labels)
+    if block:
+        dense = block_diagonal(model, dense)
+    expected = natural_direction(dense, flat_gradient(model, cross_entropy, x, y), damping)
+    opt = NaturalGradient(
+        model, lr=0.5, damping=damping, fisher=fisher, block_diagonal=block, seed=seed
+    )
+    torch.testing.assert_close(one_step(model, opt, x, y), expected, **TOL)
+
+
+def test_logistic_regression_block_diagonal_equals_full():
+    case = next(c for c in CASES if c.name == "logistic")
+    x, y = case.batch()
+    directions = []
+    for block in (False, True):
+        model = case.model()
+        opt = NaturalGradient(model, lr=1.0, damping=0.01, fisher="full", block_diagonal=block)
+        directions.append(one_step(model, opt, x, y))
+    torch.testing.assert_close(directions[0], directions[1], **TOL)
+
+
+def test_previous_fisher_batch_uses_the_last_batch():
+    case = CASES[0]
+    (x0, y0), (x1, y1) = case.batch(seed=3), case.batch(seed=4)
+    model = case.model()
+    # the Fisher of the first batch, at the parameters where it was captured
+    fisher_first = dense_fisher(case.model(), x0, None)
+    opt = NaturalGradient(model, lr=0.1, damping=0.1, fisher="full", fisher_batch="previous")
+    first = one_step(model, opt, x0, y0)
+    expected_first = natural_direction(
+        fisher_first, flat_gradient(case.model(), cross_entropy, x0, y0), 0.1
+    )
+    torch.testing.assert_close(first, expected_first, **TOL)  # step 0 has no previous batch
+    expected = natural_direction(fisher_first, flat_gradient(model, cross_entropy, x1, y1), 0.1)
+    torch.testing.assert_close(one_step(model, opt, x1, y1), expected, **TOL)
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.name.startswith("conv")], ids=lambda c: c.name
+)
+def test_conv_gram_by_rows_equals_gram_by_per_sample_gradients(case):
+    generator = torch.Generator().manual_seed(0)
+    batch, positions = 4, 9
+    data = LayerFisherData(
+        torch.randn(batch * positions, 7, generator=generator, dtype=torch.float64),
+        torch.randn(3, batch * positions, 5, generator=generator, dtype=torch.float64),
+        batch,
+    )
+    torch.testing.assert_close(data.gram("rows"), data.gram("per_sample"), **TOL)
+    flat = data.per_sample_gradients().reshape(data.num_columns, -1)
+    v = torch.randn(5, 7, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(data.transpose_mv(v), flat @ v.reshape(-1), **TOL)
+    w = torch.randn(data.num_columns, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(data.mv(w).reshape(-1), flat.T @ w, **TOL)
+
+
+def test_requires_output_for_backward_and_positive_damping():
+    model = CASES[0].model()
+    with pytest.raises(ValueError, match="damping"):
+        NaturalGradient(model, lr=0.1, damping=0.0)
+    with pytest.raises(ValueError, match="fisher_batch"):
+        NaturalGradient(model, lr=0.1, damping=1.0, fisher_batch="next")
+    opt = NaturalGradient(model, lr=0.1, damping=1.0)
+    x, y = CASES[0].batch()
+    opt.zero_grad()
+    with pytest.raises(ValueError, match="opt.backward"):
+        opt.backward(cross_entropy(model(x), y))
