@@ -114,6 +114,8 @@ class Capture:
         record_inputs: called at each forward; if true the layer input is kept.
         record_outputs: same, for the layer output (kept attached to the graph).
         record_output_grads: same, for the gradient w.r.t. the output during backward.
+        training_only: record only modules in training mode (optimizers); False records in
+            eval mode too (curvature of a trained model, e.g. a Laplace posterior).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -129,6 +131,7 @@ class Capture:
         record_inputs: Callable[[], bool] = lambda: True,
         record_outputs: Callable[[], bool] = lambda: False,
         record_output_grads: Callable[[], bool] = lambda: True,
+        training_only: bool = True,
     ) -> None:
         self.layers: dict[str, nn.Module] = {
             name: module for name, module in model.named_modules() if is_supported(module)
@@ -140,6 +143,7 @@ class Capture:
         self._record_outputs = record_outputs
         self._record_output_grads = record_output_grads
         self._grads_paused = False
+        self._training_only = training_only
         # The hooks close over a weak reference so a forgotten capture can still be collected.
         self_ref = weakref.ref(self)
 
@@ -151,7 +155,9 @@ class Capture:
         self._handles = [m.register_forward_hook(hook) for m in self.layers.values()]
 
     def _forward_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        if not (module.training and torch.is_grad_enabled() and output.requires_grad):
+        if self._training_only and not module.training:
+            return
+        if not (torch.is_grad_enabled() and output.requires_grad):
             return
         record = self.records[module]
         if self._record_inputs():

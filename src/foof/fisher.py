@@ -1,0 +1,312 @@
+"""The fast subsampled Fisher as a public tool: products, inverses, Laplace samples (App. C).
+
+:class:`SubsampledFisher` holds, per layer, only the inputs ``A`` and output gradients ``E`` of
+one batch (``O(batch · neurons)`` memory) and offers what App. C lists: ``F v`` and ``vᵀ F v``
+(EWC, C.2), ``(λI + F)⁻¹ v`` (implicit-function bilevel methods, C.3) and exact samples of the
+full-covariance Laplace posterior (C.1, eqs. 7-11) through :class:`LaplacePosterior`.
+:class:`foof.NaturalGradient` uses the same Woodbury algebra
+(:mod:`foof.curvature.woodbury`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from foof.capture import Capture
+from foof.curvature.sampling import FISHER_TYPES, LIKELIHOODS, layer_output_grads
+from foof.curvature.woodbury import LayerFisherData, cholesky_solve_damped, damped_inverse_mv
+from foof.optim.base import check_choice
+
+Vector = Tensor | Sequence[Tensor]
+
+
+class SubsampledFisher:
+    r"""The Fisher ``F = (1/B) Σ_i E_y[g_i(y) g_i(y)ᵀ] = G Gᵀ`` of one batch, never formed.
+
+    ``F`` covers the parameters of the model's Linear and (ungrouped) Conv2d layers,
+    :meth:`parameters` in order (per layer: weight, then bias). Vectors are either a list of
+    parameter-shaped tensors in that order or one flat vector of their concatenation; results
+    come back in the same form. See :mod:`foof.curvature.sampling` for the Fisher conventions
+    (``fisher``, ``likelihood``) and :mod:`foof.curvature.woodbury` for the algebra.
+
+    Args:
+        model: the network; it is run once on ``inputs`` (in whatever train/eval mode it is in).
+        inputs: a batch ``(B, ...)``.
+        targets: dataset labels (needed for ``fisher="empirical"`` only): class indices
+            ``(B,)`` for categorical, targets ``(B, C)`` for gaussian.
+        fisher: ``"mc"``, ``"full"`` or ``"empirical"``.
+        likelihood: ``"categorical"`` or ``"gaussian"``.
+        block_diagonal: keep only the per-layer blocks of ``F``.
+        generator: random generator for ``fisher="mc"``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> fisher = SubsampledFisher(model, torch.randn(16, 4), fisher="full")
+        >>> v = [torch.randn_like(p) for p in fisher.parameters()]
+        >>> bool(fisher.quadratic(v) >= 0)
+        True
+        >>> x = fisher.inverse_mv(fisher.mv(v), damping=1e-3)   # ≈ v restricted to range(F)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        targets: Tensor | None = None,
+        fisher: str = "mc",
+        likelihood: str = "categorical",
+        block_diagonal: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        check_choice("fisher", fisher, FISHER_TYPES)
+        check_choice("likelihood", likelihood, LIKELIHOODS)
+        if fisher == "empirical" and targets is None:
+            raise ValueError("fisher='empirical' needs the dataset targets")
+        self.block_diagonal = block_diagonal
+        with (
+            Capture(
+                model,
+                record_inputs=lambda: True,
+                record_outputs=lambda: fisher != "empirical",
+                record_output_grads=lambda: fisher == "empirical",
+                training_only=False,
+            ) as capture,
+            torch.enable_grad(),
+        ):
+            output = model(inputs)
+            if fisher == "empirical":
+                per_sample = _negative_log_likelihood(output, targets, likelihood)
+                params = [p for m in capture.layers.values() for p in m.parameters(False)]
+                # gradients w.r.t. layer outputs only: parameters' .grad stay untouched
+                torch.autograd.grad(per_sample.mean(), params, allow_unused=True)
+            grads = layer_output_grads(capture, output, fisher, likelihood, generator)
+            self.layers: list[nn.Module] = []
+            self.data: list[LayerFisherData] = []
+            for module in capture.layers.values():
+                rows = capture.inputs(module)
+                if rows is None or module not in grads:
+                    continue
+                self.layers.append(module)
+                self.data.append(
+                    LayerFisherData(rows.detach(), grads[module].detach(), len(inputs))
+                )
+
+    # -- vector plumbing ---------------------------------------------------------------------
+    def parameters(self) -> list[nn.Parameter]:
+        """The parameters ``F`` acts on, in vector order (per layer: weight, then bias)."""
+        return [p for m in self.layers for p in m.parameters(recurse=False)]
+
+    def _to_matrices(self, vector: Vector) -> tuple[list[Tensor], bool]:
+        params = self.parameters()
+        flat = isinstance(vector, Tensor)
+        if flat:
+            sizes = [p.numel() for p in params]
+            if vector.dim() != 1 or vector.numel() != sum(sizes):
+                raise ValueError(
+                    f"a flat vector must have {sum(sizes)} entries, got shape {tuple(vector.shape)}"
+                )
+            parts = list(torch.split(vector, sizes))
+        else:
+            parts = list(vector)
+            if len(parts) != len(params):
+                raise ValueError(
+                    f"expected {len(params)} parameter-shaped tensors, got {len(parts)}"
+                )
+        matrices, position = [], 0
+        for module in self.layers:
+            weight = parts[position].reshape(module.weight.shape[0], -1)
+            position += 1
+            if module.bias is not None:
+                weight = torch.cat([weight, parts[position].reshape(-1, 1)], dim=1)
+                position += 1
+            matrices.append(weight.to(self.data[0].inputs.dtype))
+        return matrices, flat
+
+    def _from_matrices(self, matrices: list[Tensor], flat: bool) -> Vector:
+        parts = []
+        for module, matrix in zip(self.layers, matrices):
+            if module.bias is not None:
+                parts.append(matrix[:, :-1].reshape(module.weight.shape))
+                parts.append(matrix[:, -1].reshape(module.bias.shape))
+            else:
+                parts.append(matrix.reshape(module.weight.shape))
+        return torch.cat([p.reshape(-1) for p in parts]) if flat else parts
+
+    # -- products ------------------------------------------------------------------------------
+    def gram(self) -> Tensor:
+        """``GᵀG`` ``(M, M)``, ``M = K·B`` (the sum of per-layer Gram matrices)."""
+        return sum(d.gram() for d in self.data)
+
+    def transpose_mv(self, vector: Vector) -> Tensor:
+        """``Gᵀ v`` ``(M,)``: ``v``'s inner products with the scaled per-sample gradients."""
+        matrices, _ = self._to_matrices(vector)
+        return sum(d.transpose_mv(m) for d, m in zip(self.data, matrices))
+
+    def mv(self, vector: Vector) -> Vector:
+        """``F v`` (per-layer blocks ``F_l v_l`` if ``block_diagonal``)."""
+        matrices, flat = self._to_matrices(vector)
+        if self.block_diagonal:
+            out = [d.mv(d.transpose_mv(m)) for d, m in zip(self.data, matrices)]
+        else:
+            w = sum(d.transpose_mv(m) for d, m in zip(self.data, matrices))
+            out = [d.mv(w) for d in self.data]
+        return self._from_matrices(out, flat)
+
+    def quadratic(self, vector: Vector) -> Tensor:
+        """``vᵀ F v = ‖Gᵀ v‖²`` (a scalar), what EWC needs (App. C.2)."""
+        matrices, _ = self._to_matrices(vector)
+        if self.block_diagonal:
+            return sum(d.transpose_mv(m).square().sum() for d, m in zip(self.data, matrices))
+        return self.transpose_mv(vector).square().sum()
+
+    def inverse_mv(self, vector: Vector, damping: float) -> Vector:
+        """``(λI + F)⁻¹ v`` by the Woodbury identity (App. C.3, I); ``damping = λ > 0``."""
+        if not damping > 0:
+            raise ValueError(f"damping must be > 0, got {damping!r}")
+        matrices, flat = self._to_matrices(vector)
+        return self._from_matrices(
+            damped_inverse_mv(self.data, matrices, damping, self.block_diagonal), flat
+        )
+
+
+def _negative_log_likelihood(output: Tensor, targets: Tensor, likelihood: str) -> Tensor:
+    if likelihood == "categorical":
+        return nn.functional.cross_entropy(output, targets, reduction="none")
+    return 0.5 * (output - targets).square().flatten(1).sum(1)
+
+
+class LaplacePosterior:
+    r"""Exact samples of the full-covariance Laplace posterior ``N(θ_MAP, Λ⁻¹)`` (App. C.1).
+
+    ``Λ = Λ_prior + N·F`` with ``F`` a :class:`SubsampledFisher` (not block-diagonal) and a
+    diagonal prior that is constant per layer, ``Λ_prior = diag(τ_l)``. Samples (eqs. 7-11)::
+
+        V = (N Λ_prior⁻¹)^{1/2} G,   U = I + VᵀV   (M×M)
+        y ~ N(0, I_params),  z ~ N(0, I_M)
+        x = y − V U⁻¹ (Vᵀ y + z)          ⇒ Cov(x) = I − V U⁻¹ Vᵀ = (I + V Vᵀ)⁻¹
+        θ = θ_MAP + Λ_prior^{-1/2} x      ⇒ Cov(θ) = (Λ_prior + N G Gᵀ)⁻¹ = Λ⁻¹
+
+    Args:
+        fisher: the subsampled Fisher at ``θ_MAP``.
+        prior_precision: ``τ`` for all layers, or one ``τ_l > 0`` per layer (per
+            ``fisher.layers``).
+        num_data: ``N``, the size of the training set.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> posterior = LaplacePosterior(SubsampledFisher(model, torch.randn(16, 4)), 1.0, 1000)
+        >>> samples = posterior.sample(5)          # list of parameter lists
+        >>> probs = posterior.predictive(model, torch.randn(2, 4), num_samples=5)
+    """
+
+    #: samples drawn per batched solve (bounds memory to chunk_size × parameters).
+    chunk_size = 64
+
+    def __init__(
+        self,
+        fisher: SubsampledFisher,
+        prior_precision: float | Sequence[float],
+        num_data: int,
+    ) -> None:
+        if fisher.block_diagonal:
+            raise ValueError("LaplacePosterior needs the full (not block-diagonal) Fisher")
+        count = len(fisher.layers)
+        if isinstance(prior_precision, (int, float)):
+            prior_precision = [float(prior_precision)] * count
+        prior_precision = [float(t) for t in prior_precision]
+        if len(prior_precision) != count or not all(t > 0 for t in prior_precision):
+            raise ValueError(
+                f"prior_precision must be > 0, one value or {count} values, got {prior_precision}"
+            )
+        if not num_data > 0:
+            raise ValueError(f"num_data must be > 0, got {num_data!r}")
+        self.fisher = fisher
+        self.prior_precision = prior_precision
+        self.num_data = num_data
+        self.scales = [(num_data / t) ** 0.5 for t in prior_precision]  # (N/τ_l)^{1/2}
+        # U = I + VᵀV = I + Σ_l (N/τ_l) G_lᵀG_l
+        u = sum(s**2 * d.gram() for s, d in zip(self.scales, fisher.data))
+        u.diagonal().add_(1.0)
+        self._u = u
+
+    def sample_displacements(self, y: list[Tensor], z: Tensor) -> list[Tensor]:
+        """The deterministic map ``(y, z) ↦ θ − θ_MAP`` (eqs. 7-11), per layer ``(out, in_dim)``.
+
+        Args:
+            y: one ``(S, out, in_dim)`` (or ``(out, in_dim)``) matrix per layer, standard normal
+                for ``S`` samples.
+            z: ``(S, M)`` (or ``(M,)``), standard normal.
+
+        Returns:
+            one ``(S, out, in_dim)`` (or ``(out, in_dim)``) displacement per layer.
+        """
+        data = self.fisher.data
+        v_t_y = sum(s * d.transpose_mv(m) for s, d, m in zip(self.scales, data, y))
+        rhs = v_t_y + z
+        # U⁻¹ (Vᵀy + z), all samples as columns of one solve
+        w = cholesky_solve_damped(self._u, rhs.reshape(-1, rhs.shape[-1]).T, 0.0).T
+        w = w.reshape(rhs.shape)
+        return [
+            (m - s * d.mv(w)) / tau**0.5
+            for s, d, m, tau in zip(self.scales, data, y, self.prior_precision)
+        ]
+
+    def sample(self, num_samples: int = 1, generator: torch.Generator | None = None) -> list:
+        """``num_samples`` samples, each a list of tensors shaped like ``fisher.parameters()``."""
+        data = self.fisher.data
+        dtype, device = data[0].inputs.dtype, data[0].inputs.device
+        centre, _ = self.fisher._to_matrices([p.detach() for p in self.fisher.parameters()])
+        samples = []
+        for start in range(0, num_samples, self.chunk_size):
+            count = min(self.chunk_size, num_samples - start)
+            y = [
+                torch.randn(
+                    count,
+                    d.output_grads.shape[-1],
+                    d.inputs.shape[1],
+                    generator=generator,
+                    dtype=dtype,
+                    device=device,
+                )
+                for d in data
+            ]
+            z = torch.randn(
+                count, data[0].num_columns, generator=generator, dtype=dtype, device=device
+            )
+            displacement = self.sample_displacements(y, z)
+            for i in range(count):
+                samples.append(
+                    self.fisher._from_matrices(
+                        [c + x[i] for c, x in zip(centre, displacement)], False
+                    )
+                )
+        return samples
+
+    @torch.no_grad()
+    def predictive(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        num_samples: int = 20,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Monte-Carlo predictive ``(1/S) Σ_s softmax(f(x; θ_s))`` ``(B, C)``.
+
+        The model's parameters are swapped for each sample and restored afterwards.
+        """
+        params = self.fisher.parameters()
+        saved = [p.detach().clone() for p in params]
+        total = None
+        try:
+            for sample in self.sample(num_samples, generator):
+                for p, value in zip(params, sample):
+                    p.copy_(value)
+                probs = torch.softmax(model(inputs), dim=-1)
+                total = probs if total is None else total + probs
+        finally:
+            for p, value in zip(params, saved):
+                p.copy_(value)
+        return total / num_samples
