@@ -29,8 +29,8 @@ test: lint
 ## make run: train FOOF on Fashion-MNIST with the paper's MLP (10 epochs, batch 100).
 run: install
 	$(BIN)/foof train --optimizer foof --dataset fashion-mnist --model mlp \
-		--epochs 10 --batch-size 100 --lr 0.3 --damping 1.0 --seed 0 \
-		--out runs/foof-fashion-mnist-seed0.json
+		--epochs 10 --batch-size 100 --lr 30 --damping 100 --seed 0 \
+		--out runs/foof-mlp-fashion-mnist-seed0.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -81,11 +81,11 @@ def test_default_output_path_and_options(data_dir, tmp_path, monkeypatch, capsys
         "0",
     )
     assert main(args) == 0
-    path = tmp_path / "runs" / "adam-mnist-seed0.json"
+    path = tmp_path / "runs" / "adam-mlp-mnist-seed0.json"
     results = json.loads(path.read_text())
     assert results["config"]["model_options"] == {"hidden": [8]}
     assert results["config"]["batch_size"] is None and len(results["steps"]["loss"]) == 1
-    assert "results -> runs/adam-mnist-seed0.json" in capsys.readouterr().out
+    assert "results -> runs/adam-mlp-mnist-seed0.json" in capsys.readouterr().out
 
 
 def test_autoencoder_summary_reports_test_loss(data_dir, tmp_path, capsys):
@@ -174,3 +174,48 @@ def test_python_dash_m_foof():
     )
     assert result.returncode == 2
     assert "invalid choice: 'vgg'" in result.stderr
+
+
+def test_curvature_flags_reach_the_optimizer(tmp_path, monkeypatch, data_dir, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "kfac.json"
+    args = [
+        "train",
+        "--optimizer",
+        "kfac",
+        "--dataset",
+        "fashion-mnist",
+        "--model",
+        "logistic",
+        "--subset",
+        "100",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "50",
+        "--data-dir",
+        str(data_dir),
+        "--fisher",
+        "full",
+        "--damping-mode",
+        "standard",
+        "--no-second-factor",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    # standard damping with second_factor=False is refused by KFAC itself, as a usage error
+    assert main(args) == 2
+    assert "second_factor=False is defined for heuristic damping only" in capsys.readouterr().err
+    args.remove("--no-second-factor")
+    assert main(args) == 0
+    options = json.loads(out.read_text())["config"]["optimizer_options"]
+    assert options["fisher"] == "full" and options["damping_mode"] == "standard"
+
+
+def test_flag_for_another_optimizer_is_a_usage_error(tmp_path, capsys):
+    code = main(
+        ["train", "--optimizer", "foof", "--block-diagonal", "--out", str(tmp_path / "x.json")]
+    )
+    assert code == 2
+    assert "--block-diagonal applies to --optimizer natural" in capsys.readouterr().err

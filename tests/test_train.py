@@ -224,4 +224,4 @@ def test_config_round_trip_and_default_path():
     values = json.loads(json.dumps(config.to_dict()))
     assert values["model_options"] == {"hidden": [3]}
     assert TrainConfig.from_dict(values).seed == 2
-    assert results_path(config) == Path("runs/foof-fashion-mnist-seed2.json")
+    assert results_path(config) == Path("runs/foof-mlp-fashion-mnist-seed2.json")

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from foof.curvature.sampling import FISHER_TYPES, LIKELIHOODS
 from foof.data import (
     DATASETS,
     DOWNLOAD_FILES,
@@ -26,6 +27,8 @@ from foof.data import (
     search_dirs,
 )
 from foof.models import MODELS
+from foof.optim.kfac import DAMPING_MODES
+from foof.optim.natural import FISHER_BATCHES
 from foof.optim.registry import OPTIMIZERS
 from foof.train import DEFAULT_HYPERPARAMETERS, ConfigError, TrainConfig, results_path, train
 
@@ -107,6 +110,33 @@ def _add_train(commands: Any) -> None:
     arg("--ema-decay", type=float, default=None, help="decay of curvature moving averages")
     arg("--inv-every", type=_positive, default=None, help="inversion period T")
     arg("--stats-steps", type=_positive, default=None, help="statistics steps S per inversion")
+    curvature = train_parser.add_argument_group("KFAC and natural-gradient options")
+    curvature.add_argument(
+        "--fisher", choices=FISHER_TYPES, default=None, help="Fisher estimate (default: mc)"
+    )
+    curvature.add_argument(
+        "--damping-mode", choices=DAMPING_MODES, default=None, help="KFAC (default: heuristic)"
+    )
+    curvature.add_argument(
+        "--no-second-factor",
+        action="store_true",
+        help="KFAC without its gradient factor: FOOF with KFAC's λ_A (App. D.9)",
+    )
+    curvature.add_argument(
+        "--block-diagonal", action="store_true", help="natural gradient per layer (Fig. 2B/2C)"
+    )
+    curvature.add_argument(
+        "--fisher-batch",
+        choices=FISHER_BATCHES,
+        default=None,
+        help="natural gradient: Fisher of the same or the previous mini-batch (App. I.5)",
+    )
+    curvature.add_argument(
+        "--likelihood",
+        choices=LIKELIHOODS,
+        default=None,
+        help="default: from the model (gaussian for the autoencoder, else categorical)",
+    )
     arg(
         "--optimizer-option",
         action="append",
@@ -134,10 +164,39 @@ def _add_train(commands: Any) -> None:
         "--out",
         type=Path,
         default=None,
-        help="results file; default: runs/<optimizer>-<dataset>-seed<S>.json",
+        help="results file; default: runs/<optimizer>-<model>-<dataset>-seed<S>.json",
     )
     arg("--no-progress", action="store_true", help="no progress bar")
     train_parser.set_defaults(handler=_train)
+
+
+def _curvature_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The dedicated KFAC / natural-gradient flags, checked against the chosen optimizer."""
+    options: dict[str, Any] = {}
+    accepted = {
+        "fisher": ("kfac", "natural"),
+        "damping_mode": ("kfac",),
+        "second_factor": ("kfac",),
+        "block_diagonal": ("natural",),
+        "fisher_batch": ("natural",),
+        "likelihood": ("kfac", "natural"),
+    }
+    given = {
+        "fisher": args.fisher,
+        "damping_mode": args.damping_mode,
+        "second_factor": False if args.no_second_factor else None,
+        "block_diagonal": True if args.block_diagonal else None,
+        "fisher_batch": args.fisher_batch,
+        "likelihood": args.likelihood,
+    }
+    for name, value in given.items():
+        if value is None:
+            continue
+        if args.optimizer not in accepted[name]:
+            flag = "--" + {"second_factor": "no-second-factor"}.get(name, name).replace("_", "-")
+            raise ConfigError(f"{flag} applies to --optimizer {' or '.join(accepted[name])}")
+        options[name] = value
+    return options
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -152,7 +211,7 @@ def _train(args: argparse.Namespace) -> int:
         ema_decay=args.ema_decay,
         inv_every=args.inv_every,
         stats_steps=args.stats_steps,
-        optimizer_options=dict(args.optimizer_option),
+        optimizer_options={**_curvature_options(args), **dict(args.optimizer_option)},
         model_options=dict(args.model_option),
         epochs=args.epochs,
         batch_size=args.batch_size or None,

@@ -477,5 +477,6 @@ def _finish(results: dict[str, Any], start: float) -> None:
 
 
 def results_path(config: TrainConfig, directory: str | os.PathLike[str] = "runs") -> Path:
-    """The default results file of a run: ``<directory>/<optimizer>-<dataset>-seed<S>.json``."""
-    return Path(directory) / f"{config.optimizer}-{config.dataset}-seed{config.seed}.json"
+    """The default results file: ``<directory>/<optimizer>-<model>-<dataset>-seed<S>.json``."""
+    name = f"{config.optimizer}-{config.model}-{config.dataset}-seed{config.seed}.json"
+    return Path(directory) / name
