@@ -5,6 +5,7 @@ Approximate Second-Order Optimization* (ICML 2022).
 """
 
 from foof.capture import Capture, is_supported
+from foof.fisher import LaplacePosterior, SubsampledFisher
 from foof.optim import (
     FOOF,
     KFAC,
@@ -19,7 +20,9 @@ __version__ = "0.1.0"
 __all__ = [
     "FOOF",
     "KFAC",
+    "LaplacePosterior",
     "NaturalGradient",
+    "SubsampledFisher",
     "Capture",
     "CurvatureOptimizer",
     "__version__",

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from foof.capture import Capture
 from foof.curvature.sampling import FISHER_TYPES, LIKELIHOODS, layer_output_grads
 from foof.curvature.woodbury import LayerFisherData, cholesky_solve_damped, damped_inverse_mv
-from foof.optim.base import check_choice
+from foof.validation import check_choice
 
 Vector = Tensor | Sequence[Tensor]
 
@@ -94,6 +94,29 @@ class SubsampledFisher:
                     LayerFisherData(rows.detach(), grads[module].detach(), len(inputs))
                 )
 
+    @classmethod
+    def from_layer_data(
+        cls,
+        layers: Sequence[nn.Module],
+        data: Sequence[LayerFisherData],
+        block_diagonal: bool = False,
+    ) -> SubsampledFisher:
+        """A Fisher from already captured per-layer ``A``/``E`` (what optimizers hold).
+
+        Args:
+            layers: the Linear/Conv2d modules, in vector order.
+            data: their :class:`~foof.curvature.woodbury.LayerFisherData`, same order.
+            block_diagonal: keep only the per-layer blocks.
+        """
+        fisher = cls.__new__(cls)
+        fisher.layers, fisher.data = list(layers), list(data)
+        fisher.block_diagonal = block_diagonal
+        return fisher
+
+    def inverse_mv_matrices(self, matrices: Sequence[Tensor], damping: float) -> list[Tensor]:
+        """``(λI + F)⁻¹ v`` for ``v`` given as one ``(out, in_dim)`` matrix ``[W, b]`` per layer."""
+        return damped_inverse_mv(self.data, list(matrices), damping, self.block_diagonal)
+
     # -- vector plumbing ---------------------------------------------------------------------
     def parameters(self) -> list[nn.Parameter]:
         """The parameters ``F`` acts on, in vector order (per layer: weight, then bias)."""
@@ -167,9 +190,7 @@ class SubsampledFisher:
         if not damping > 0:
             raise ValueError(f"damping must be > 0, got {damping!r}")
         matrices, flat = self._to_matrices(vector)
-        return self._from_matrices(
-            damped_inverse_mv(self.data, matrices, damping, self.block_diagonal), flat
-        )
+        return self._from_matrices(self.inverse_mv_matrices(matrices, damping), flat)
 
 
 def _negative_log_likelihood(output: Tensor, targets: Tensor, likelihood: str) -> Tensor:

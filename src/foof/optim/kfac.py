@@ -14,8 +14,8 @@ from foof.curvature.kronecker import (
 )
 from foof.curvature.linalg import damped_inverse
 from foof.curvature.sampling import FISHER_TYPES, LIKELIHOODS, FisherSampler
-from foof.optim.base import check_choice
 from foof.optim.kronecker import KroneckerFactoredOptimizer
+from foof.validation import check_choice
 
 DAMPING_MODES = ("heuristic", "standard")
 

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from foof.curvature.kronecker import gradient_covariance
 from foof.curvature.linalg import second_moment, update_ema_
-from foof.optim.base import CurvatureOptimizer, check_int, check_range
+from foof.optim.base import CurvatureOptimizer
+from foof.validation import check_int, check_range
 
 
 def is_stats_step(step: int, inv_every: int, stats_steps: int | None) -> bool:

@@ -7,14 +7,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from foof.curvature.sampling import FISHER_TYPES, LIKELIHOODS, FisherSampler
-from foof.curvature.woodbury import LayerFisherData, damped_inverse_mv
-from foof.optim.base import (
-    CurvatureOptimizer,
-    check_choice,
-    check_int,
-    check_range,
-    gradient_matrix,
-)
+from foof.curvature.woodbury import LayerFisherData
+from foof.fisher import SubsampledFisher
+from foof.optim.base import CurvatureOptimizer, gradient_matrix
+from foof.validation import check_choice, check_int, check_range
 
 FISHER_BATCHES = ("same", "previous")
 
@@ -170,11 +166,11 @@ class NaturalGradient(CurvatureOptimizer):
         modules = [m for _, m, _ in self.layer_items()]
         grads = [gradient_matrix(m, zero_if_missing=True) for m in modules]
         data = self.fisher_data()
-        directions = damped_inverse_mv(
-            [d for _, d in data],
-            [g.to(d.inputs.dtype) for g, (_, d) in zip(grads, data)],
-            group["damping"],
-            group["block_diagonal"],
+        fisher = SubsampledFisher.from_layer_data(
+            [m for m, _ in data], [d for _, d in data], group["block_diagonal"]
+        )
+        directions = fisher.inverse_mv_matrices(
+            [g.to(d.inputs.dtype) for g, (_, d) in zip(grads, data)], group["damping"]
         )
         self._directions = dict(zip(modules, directions))
         if refresh and previous and has_stored:
