@@ -179,6 +179,11 @@ class FisherSampler:
             return
         if output is None:
             raise ValueError("this optimizer needs the network output: opt.backward(loss, output)")
+        if not bool(torch.isfinite(output.detach()).all()):
+            # No labels can be sampled from a non-finite output; the non-finite loss gradients
+            # make the optimizer skip this step (see CurvatureOptimizer.find_nonfinite).
+            loss.backward()
+            return
         if self.fisher != "empirical":
             grads = layer_output_grads(
                 capture, output, self.fisher, self.likelihood, self.generator(output.device)
@@ -188,6 +193,11 @@ class FisherSampler:
             loss.backward()
             grads = layer_output_grads(capture, output, "empirical", self.likelihood)
         self._pending = (grads, output.shape[0])
+
+    @property
+    def pending(self) -> tuple[dict[nn.Module, Tensor], int] | None:
+        """The gradients :meth:`pop` would return, without taking them."""
+        return self._pending
 
     def pop(self) -> tuple[dict[nn.Module, Tensor], int] | None:
         """The gradients of the last active :meth:`backward` and its batch size, once."""

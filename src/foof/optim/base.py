@@ -8,6 +8,7 @@ checkpoints) the same way for all of them.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,7 +17,13 @@ from torch import Tensor, nn
 
 from foof.capture import Capture, is_supported, warn_unsupported
 from foof.curvature.sampling import FisherSampler
-from foof.validation import check_range
+from foof.validation import check_choice, check_range
+
+NONFINITE_POLICIES = ("skip", "raise")
+
+
+class NonFiniteError(FloatingPointError):
+    """A step met a NaN/Inf (loss, gradient or statistic) under ``nonfinite="raise"``."""
 
 
 def gradient_matrix(module: nn.Module, zero_if_missing: bool = False) -> Tensor | None:
@@ -75,6 +82,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         check_range("lr", defaults.get("lr"), 0.0)
         check_range("momentum", defaults.get("momentum", 0.0), 0.0, 1.0, high_open=True)
         check_range("weight_decay", defaults.get("weight_decay", 0.0), 0.0)
+        defaults.setdefault("nonfinite", "skip")
+        check_choice("nonfinite", defaults["nonfinite"], NONFINITE_POLICIES)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
@@ -87,6 +96,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         owned = {id(p) for m in self.layers.values() for p in m.parameters(recurse=False)}
         self.other_params = [p for p in params if id(p) not in owned]
         warn_unsupported(model, type(self).__name__)
+        self._warned: set[str] = set()
+        #: steps skipped because of non-finite values since construction.
+        self.skipped_steps = 0
         self.capture = Capture(
             model,
             record_inputs=self.wants_inputs,
@@ -157,6 +169,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
+        fault = self.find_nonfinite(loss)
+        if fault is not None:
+            self._skip_step(fault, group)
+            return loss
         # Curvature algebra stays in the factors' precision even if step() runs under autocast.
         with torch.autocast(device_type=group["params"][0].device.type, enabled=False):
             self.update_curvature(group)
@@ -172,6 +188,53 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         group["step"] += 1
         self.capture.clear()
         return loss
+
+    def find_nonfinite(self, loss: Tensor | None = None) -> str | None:
+        """Name the first non-finite quantity this step would use, or None if all are finite.
+
+        Checked: the closure's loss, every parameter gradient, the recorded layer inputs and the
+        Fisher's pending output gradients, so that nothing non-finite reaches a statistic.
+        """
+        named: list[tuple[str, Tensor]] = []
+        if loss is not None:
+            named.append(("the loss", loss.detach()))
+        for name, module in self.layers.items():
+            for kind, param in (("weight", module.weight), ("bias", module.bias)):
+                if param is not None and param.grad is not None:
+                    named.append((f"the {kind} gradient of layer {name!r}", param.grad))
+            for inputs in self.capture.records[module].inputs:
+                named.append((f"the inputs of layer {name!r}", inputs))
+        for index, param in enumerate(self.other_params):
+            if param.grad is not None:
+                named.append((f"the gradient of unsupported parameter #{index}", param.grad))
+        if self.sampler is not None and self.sampler.pending is not None:
+            names = {m: n for n, m in self.layers.items()}
+            for module, grads in self.sampler.pending[0].items():
+                named.append((f"the Fisher output gradients of layer {names.get(module)!r}", grads))
+        if not named:
+            return None
+        finite = torch.stack([torch.isfinite(t).all() for _, t in named])
+        if bool(finite.all()):  # one synchronisation for the common, healthy case
+            return None
+        return named[int((~finite).nonzero()[0])][0]
+
+    def _skip_step(self, fault: str, group: dict[str, Any]) -> None:
+        """Leave parameters, momentum, statistics and the step counter as they were."""
+        self.capture.clear()
+        if self.sampler is not None:
+            self.sampler.clear()
+        message = (
+            f"{type(self).__name__}: step {group['step']} skipped, {fault} is not finite "
+            "(parameters, momentum and statistics left unchanged)"
+        )
+        if group["nonfinite"] == "raise":
+            raise NonFiniteError(message)
+        if fault not in self._warned:
+            self._warned.add(fault)
+            warnings.warn(
+                message + "; further skips for this cause are silent", RuntimeWarning, stacklevel=3
+            )
+        self.skipped_steps += 1
 
     @staticmethod
     def _apply(

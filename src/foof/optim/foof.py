@@ -54,6 +54,9 @@ class FOOF(KroneckerFactoredOptimizer):
         stats_steps: ``S ∈ [1, T]`` statistics steps before each inversion, ``None`` for all.
         momentum: heavy-ball momentum in ``[0, 1)`` as in ``torch.optim.SGD``.
         weight_decay: decoupled weight decay ``>= 0``.
+        nonfinite: ``"skip"`` (default): a step whose loss, gradients or statistics hold a
+            NaN/Inf changes nothing (parameters, momentum, statistics, step counter) and warns
+            once per cause; ``"raise"``: raise :class:`foof.optim.base.NonFiniteError`.
 
     Example:
         >>> import torch
@@ -84,9 +87,18 @@ class FOOF(KroneckerFactoredOptimizer):
         stats_steps: int | None = None,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
+        nonfinite: str = "skip",
     ) -> None:
         super().__init__(
-            model, lr, damping, ema_decay, inv_every, stats_steps, momentum, weight_decay
+            model,
+            lr,
+            damping,
+            ema_decay,
+            inv_every,
+            stats_steps,
+            momentum,
+            weight_decay,
+            nonfinite=nonfinite,
         )
 
     def invert(self, name: str, state: dict[str, Any], group: dict[str, Any]) -> None:

@@ -67,6 +67,9 @@ class KFAC(KroneckerFactoredOptimizer):
         likelihood: ``"categorical"`` or ``"gaussian"``.
         second_factor: if False, drop ``Ḡ`` from the update (``π`` still uses it).
         seed: seed of the generator for MC labels; ``None`` draws it from torch's global RNG.
+        nonfinite: ``"skip"`` (default): a step whose loss, gradients or statistics hold a
+            NaN/Inf changes nothing (parameters, momentum, statistics, step counter) and warns
+            once per cause; ``"raise"``: raise :class:`foof.optim.base.NonFiniteError`.
 
     Example:
         >>> import torch
@@ -102,6 +105,7 @@ class KFAC(KroneckerFactoredOptimizer):
         likelihood: str = "categorical",
         second_factor: bool = True,
         seed: int | None = None,
+        nonfinite: str = "skip",
     ) -> None:
         check_choice("damping_mode", damping_mode, DAMPING_MODES)
         check_choice("fisher", fisher, FISHER_TYPES)
@@ -123,6 +127,7 @@ class KFAC(KroneckerFactoredOptimizer):
             fisher=fisher,
             likelihood=likelihood,
             second_factor=second_factor,
+            nonfinite=nonfinite,
         )
         self.sampler = FisherSampler(fisher, likelihood, seed)
 

@@ -46,6 +46,9 @@ class NaturalGradient(CurvatureOptimizer):
         weight_decay: decoupled weight decay.
         likelihood: ``"categorical"`` or ``"gaussian"``.
         seed: seed of the MC label generator (``None``: from torch's global RNG).
+        nonfinite: ``"skip"`` (default): a step whose loss, gradients or statistics hold a
+            NaN/Inf changes nothing (parameters, momentum, statistics, step counter) and warns
+            once per cause; ``"raise"``: raise :class:`foof.optim.base.NonFiniteError`.
 
     Example:
         >>> import torch
@@ -74,6 +77,7 @@ class NaturalGradient(CurvatureOptimizer):
         weight_decay: float = 0.0,
         likelihood: str = "categorical",
         seed: int | None = None,
+        nonfinite: str = "skip",
     ) -> None:
         check_range("damping", damping, 0.0)
         if not damping > 0:
@@ -92,6 +96,7 @@ class NaturalGradient(CurvatureOptimizer):
             momentum=momentum,
             weight_decay=weight_decay,
             likelihood=likelihood,
+            nonfinite=nonfinite,
         )
         super().__init__(model, defaults)
         self.sampler = FisherSampler(fisher, likelihood, seed)
