@@ -128,7 +128,10 @@ def snapshot(opt):
 def test_inverse_only_every_inv_every_and_stats_only_on_stats_steps():
     case = CASES[0]
     model = case.model()
-    opt = FOOF(model, lr=0.1, damping=0.1, ema_decay=0.5, inv_every=3, stats_steps=1)
+    # low_rank=False: inputs are then needed, and recorded, on statistics steps only
+    opt = FOOF(
+        model, lr=0.1, damping=0.1, ema_decay=0.5, inv_every=3, stats_steps=1, low_rank=False
+    )
     history = []
     for x, y in batches(case, 7):
         opt.zero_grad()

@@ -54,6 +54,8 @@ class FOOF(KroneckerFactoredOptimizer):
         stats_steps: ``S ∈ [1, T]`` statistics steps before each inversion, ``None`` for all.
         momentum: heavy-ball momentum in ``[0, 1)`` as in ``torch.optim.SGD``.
         weight_decay: decoupled weight decay ``>= 0``.
+        low_rank: compute the product through ``Ĝ = EᵀA`` when that needs fewer flops (exact;
+            see :meth:`~foof.optim.kronecker.KroneckerFactoredOptimizer.low_rank_factors`).
         nonfinite: ``"skip"`` (default): a step whose loss, gradients or statistics hold a
             NaN/Inf changes nothing (parameters, momentum, statistics, step counter) and warns
             once per cause; ``"raise"``: raise :class:`foof.optim.base.NonFiniteError`.
@@ -88,6 +90,7 @@ class FOOF(KroneckerFactoredOptimizer):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         nonfinite: str = "skip",
+        low_rank: bool = True,
     ) -> None:
         super().__init__(
             model,
@@ -98,6 +101,7 @@ class FOOF(KroneckerFactoredOptimizer):
             stats_steps,
             momentum,
             weight_decay,
+            low_rank,
             nonfinite=nonfinite,
         )
 
@@ -106,6 +110,10 @@ class FOOF(KroneckerFactoredOptimizer):
         state["inverse"] = damped_inverse(state["input_covariance"], group["damping"])
 
     def precondition(self, module: nn.Module, grad: Tensor, group: dict[str, Any]) -> Tensor:
-        """``D = Ĝ · P`` (paper eq. 6): ``(out, in_dim) @ (in_dim, in_dim)``."""
+        """``D = Ĝ · P`` (paper eq. 6): ``(out, in_dim) @ (in_dim, in_dim)``, or ``Eᵀ(A P)``."""
         inverse = self.state[module.weight]["inverse"]
+        factors = self.low_rank_factors(module, grad, two_sided=False)
+        if factors is not None:
+            output_grads, rows = factors
+            return (output_grads.T @ (rows @ inverse)).to(grad.dtype)
         return (grad.to(inverse.dtype) @ inverse).to(grad.dtype)

@@ -67,6 +67,8 @@ class KFAC(KroneckerFactoredOptimizer):
         likelihood: ``"categorical"`` or ``"gaussian"``.
         second_factor: if False, drop ``Ḡ`` from the update (``π`` still uses it).
         seed: seed of the generator for MC labels; ``None`` draws it from torch's global RNG.
+        low_rank: compute the product through ``Ĝ = EᵀA`` when that needs fewer flops (exact;
+            see :meth:`~foof.optim.kronecker.KroneckerFactoredOptimizer.low_rank_factors`).
         nonfinite: ``"skip"`` (default): a step whose loss, gradients or statistics hold a
             NaN/Inf changes nothing (parameters, momentum, statistics, step counter) and warns
             once per cause; ``"raise"``: raise :class:`foof.optim.base.NonFiniteError`.
@@ -106,6 +108,7 @@ class KFAC(KroneckerFactoredOptimizer):
         second_factor: bool = True,
         seed: int | None = None,
         nonfinite: str = "skip",
+        low_rank: bool = True,
     ) -> None:
         check_choice("damping_mode", damping_mode, DAMPING_MODES)
         check_choice("fisher", fisher, FISHER_TYPES)
@@ -123,6 +126,7 @@ class KFAC(KroneckerFactoredOptimizer):
             stats_steps,
             momentum,
             weight_decay,
+            low_rank,
             damping_mode=damping_mode,
             fisher=fisher,
             likelihood=likelihood,
@@ -162,8 +166,9 @@ class KFAC(KroneckerFactoredOptimizer):
         return self.param_groups[0]["fisher"] != "empirical" and self.is_stats_step()
 
     def wants_output_grads(self) -> bool:
-        """Record the training loss's output gradients (empirical Fisher) on statistics steps."""
-        return self.param_groups[0]["fisher"] == "empirical" and self.is_stats_step()
+        """The loss's output gradients: empirical Fisher (stats steps) and low-rank products."""
+        empirical = self.param_groups[0]["fisher"] == "empirical" and self.is_stats_step()
+        return empirical or super().wants_output_grads()
 
     def backward(self, loss: Tensor, output: Tensor | None = None) -> None:
         """The Fisher's backward pass on statistics steps (mc/full), then ``loss.backward()``.
@@ -211,8 +216,15 @@ class KFAC(KroneckerFactoredOptimizer):
                 (state["gradient_eigenvalues"], state["gradient_eigenvectors"]),
                 group["damping"],
             )
-        elif group["second_factor"]:
-            direction = state["gradient_inverse"] @ g @ state["input_inverse"]
         else:
-            direction = g @ state["input_inverse"]
+            two_sided = group["second_factor"]
+            factors = self.low_rank_factors(module, grad, two_sided=two_sided)
+            if factors is not None:
+                output_grads, rows = factors
+                left = output_grads @ state["gradient_inverse"] if two_sided else output_grads
+                direction = left.T @ (rows @ state["input_inverse"])
+            elif two_sided:
+                direction = state["gradient_inverse"] @ g @ state["input_inverse"]
+            else:
+                direction = g @ state["input_inverse"]
         return direction.to(grad.dtype)

@@ -55,6 +55,7 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         stats_steps: int | None,
         momentum: float,
         weight_decay: float,
+        low_rank: bool = True,
         **extra: Any,
     ) -> None:
         check_range("damping", damping, 0.0)
@@ -74,6 +75,9 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
             **extra,
         )
         super().__init__(model, defaults)
+        self.low_rank = bool(low_rank)
+        self._step_rows: dict[nn.Module, Tensor | None] = {}
+        self._probes: dict[nn.Module, Tensor] = {}
 
     def is_stats_step(self) -> bool:
         """Whether the coming (current) step updates the statistics."""
@@ -81,8 +85,59 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         return is_stats_step(group["step"], group["inv_every"], group["stats_steps"])
 
     def wants_inputs(self) -> bool:
-        """Record inputs only on statistics steps."""
-        return self.is_stats_step()
+        """Inputs on statistics steps, and on every step for the low-rank product."""
+        return self.low_rank or self.is_stats_step()
+
+    def wants_output_grads(self) -> bool:
+        """Output gradients of the loss for the low-rank product ``Ĝ = EᵀA``."""
+        return self.low_rank
+
+    def low_rank_factors(self, module: nn.Module, grad: Tensor, two_sided: bool) -> tuple | None:
+        """``(E, A)`` with ``Ĝ = EᵀA`` when that form of the product is cheaper and exact.
+
+        A Linear layer's gradient has rank ≤ rows: ``Ĝ = EᵀA`` with ``E`` ``(R, out)`` the
+        recorded output gradients and ``A`` ``(R, in_dim)`` the input rows, so a product such as
+        ``Ĝ P`` costs ``R·in² + out·R·in`` as ``Eᵀ(A P)`` instead of ``out·in²``. It is used only
+        when it needs fewer flops (decided from the shapes) and when ``Ĝ`` really is ``EᵀA``:
+        a gradient changed after backward (clipping, an L2 term added outside the layer output)
+        is detected by comparing ``Ĝ r`` with ``Eᵀ(A r)`` for a fixed random ``r``, and then the
+        dense product is used.
+
+        Args:
+            module: the layer.
+            grad: its gradient matrix ``(out, in_dim)``.
+            two_sided: whether the product also multiplies from the left (KFAC's ``Ḡ⁻¹``).
+
+        Returns:
+            ``(E, A)`` in ``grad``'s factor dtype, or None for the dense product.
+        """
+        if not self.low_rank:
+            return None
+        output_grads = self.capture.output_grads(module)
+        rows = self._step_rows.get(module)
+        if output_grads is None or rows is None or rows.shape[0] != output_grads.shape[0]:
+            return None
+        count, in_dim = rows.shape
+        out = output_grads.shape[1]
+        low_rank_cost = count * (in_dim * in_dim + out * in_dim + (out * out if two_sided else 0))
+        dense_cost = out * in_dim * (in_dim + (out if two_sided else 0))
+        if low_rank_cost >= dense_cost:
+            return None
+        dtype = factor_dtype(module.weight)
+        output_grads, rows = output_grads.to(dtype), rows.to(dtype)
+        probe = self._probes.get(module)
+        if probe is None or probe.shape[0] != in_dim:
+            generator = torch.Generator(device="cpu").manual_seed(in_dim * 7919 + out)
+            probe = torch.randn(in_dim, generator=generator, dtype=dtype).to(rows.device)
+            self._probes[module] = probe
+        direct = grad.to(dtype) @ probe
+        factored = output_grads.T @ (rows @ probe)
+        tolerance = 1e-4 if dtype == torch.float32 else 1e-10
+        if not torch.allclose(
+            direct, factored, rtol=tolerance, atol=tolerance * float(direct.abs().max())
+        ):
+            return None
+        return output_grads, rows
 
     def gradient_rows(self) -> tuple[dict[nn.Module, Tensor], int]:
         """Per-layer ``(K, rows, out)`` output gradients for ``Ḡ`` and the batch size ``B``."""
@@ -96,16 +151,19 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         """EMA of the factors on statistics steps, then the inverses on inversion steps."""
         invert = group["step"] % group["inv_every"] == 0
         decay = group["ema_decay"]
+        stats_step = self.is_stats_step()
         gradients: dict[nn.Module, Tensor] = {}
         batch_size = 0
-        if self.uses_gradient_factor and self.is_stats_step():
+        if self.uses_gradient_factor and stats_step:
             gradients, batch_size = self.gradient_rows()
+        self._step_rows = {}
         for name, module, state in self.layer_items():
             if module.weight.grad is None:
                 continue
             dtype = factor_dtype(module.weight)
             rows = self.capture.inputs(module)
-            if rows is not None:
+            self._step_rows[module] = rows
+            if rows is not None and stats_step:
                 state["input_covariance"] = update_ema_(
                     state.get("input_covariance"), second_moment(rows, dtype), decay
                 )
