@@ -152,7 +152,10 @@ class Capture:
             if capture is not None:
                 capture._forward_hook(module, args, output)
 
-        self._handles = [m.register_forward_hook(hook) for m in self.layers.values()]
+        handles = [m.register_forward_hook(hook) for m in self.layers.values()]
+        # Removes the hooks when the capture is closed or garbage-collected (even inside a
+        # reference cycle with its optimizer), without keeping the capture alive itself.
+        self._finalizer = weakref.finalize(self, _remove_handles, handles)
 
     def _forward_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         if self._training_only and not module.training:
@@ -218,9 +221,7 @@ class Capture:
 
     def close(self) -> None:
         """Remove every hook and drop every record. Safe to call twice."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._finalizer()
         self.clear()
 
     def __enter__(self) -> Capture:
@@ -229,11 +230,11 @@ class Capture:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown may have torn down torch
-            pass
+
+def _remove_handles(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 def unsupported_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -154,7 +154,40 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         state = super().state_dict()
         if self.sampler is not None:
             state["fisher_sampler"] = self.sampler.state_dict()
+        state["foof"] = {"optimizer": type(self).__name__, "layers": self._layer_signature()}
         return state
+
+    def _layer_signature(self) -> dict[str, list[int]]:
+        """Each preconditioned layer's gradient-matrix shape ``[out, in_dim]``, by name."""
+        signature = {}
+        for name, module in self.layers.items():
+            in_dim = module.weight[0].numel() + (module.bias is not None)
+            signature[name] = [module.weight.shape[0], in_dim]
+        return signature
+
+    def _check_compatible(self, state_dict: dict[str, Any]) -> None:
+        """Refuse, with a message that says what differs, a checkpoint of another setup."""
+        meta = state_dict.get("foof")
+        if meta is None:
+            return  # a plain torch.optim state dict: torch checks the group sizes itself
+        if meta["optimizer"] != type(self).__name__:
+            raise ValueError(
+                f"this checkpoint is from a {meta['optimizer']} optimizer, not "
+                f"{type(self).__name__}; build the optimizer the checkpoint was saved from"
+            )
+        ours = self._layer_signature()
+        theirs = {name: list(shape) for name, shape in meta["layers"].items()}
+        if ours != theirs:
+            differences = [
+                f"layer {name!r}: checkpoint {theirs.get(name, 'absent')}, model "
+                f"{ours.get(name, 'absent')}"
+                for name in sorted(set(ours) | set(theirs))
+                if ours.get(name) != theirs.get(name)
+            ]
+            raise ValueError(
+                "this checkpoint was saved for a different model (layer [out, in_dim] shapes "
+                "differ): " + "; ".join(differences[:5]) + ("; ..." if len(differences) > 5 else "")
+            )
 
     def layer_items(self) -> Iterator[tuple[str, nn.Module, dict[str, Any]]]:
         """``(name, module, state)`` per preconditioned layer; state lives under the weight."""
@@ -272,6 +305,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         float32 by design, so they are put back as they were saved.
         """
         state_dict = dict(state_dict)
+        self._check_compatible(state_dict)
+        state_dict.pop("foof", None)
         sampler_state = state_dict.pop("fisher_sampler", None)
         if self.sampler is not None and sampler_state is not None:
             self.sampler.load_state_dict(sampler_state)
