@@ -180,3 +180,27 @@ def test_predictive_restores_parameters_and_is_a_distribution():
     for p, q in zip(f.parameters(), before):
         assert torch.equal(p, q)
     torch.testing.assert_close(probs.sum(1), torch.ones(len(x), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("second_factor", [True, False])
+def test_kronecker_laplace_samples_have_the_kronecker_covariance(second_factor):
+    from foof.fisher import KroneckerLaplace
+
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2).double()
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 4, generator=generator, dtype=torch.float64)
+    g = torch.randn(5, 2, generator=generator, dtype=torch.float64)
+    input_cov, gradient_cov = a.T @ a / 5, g.T @ g / 5
+    posterior = KroneckerLaplace(
+        [layer], [(input_cov, gradient_cov)], 2.0, num_data=10, second_factor=second_factor
+    )
+    second = gradient_cov if second_factor else torch.eye(2, dtype=torch.float64)
+    # column-stacking vec of [W | b]: precision N (Ā ⊗ Ḡ) + τ I
+    precision = 10 * torch.kron(input_cov, second) + 2.0 * torch.eye(8, dtype=torch.float64)
+    samples = posterior.sample(20000, torch.Generator().manual_seed(1))
+    centre = torch.cat([layer.weight.detach(), layer.bias.detach()[:, None]], 1)
+    flat = torch.stack([(torch.cat([w, b[:, None]], 1) - centre).T.reshape(-1) for w, b in samples])
+    covariance = flat.T @ flat / len(flat)
+    expected = torch.linalg.inv(precision)
+    assert (covariance - expected).abs().max() < 0.05 * expected.diagonal().max()

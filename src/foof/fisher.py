@@ -306,7 +306,10 @@ class LaplacePosterior:
                 )
         return samples
 
-    @torch.no_grad()
+    def parameters(self) -> list[nn.Parameter]:
+        """The parameters samples replace (``fisher.parameters()``)."""
+        return self.fisher.parameters()
+
     def predictive(
         self,
         model: nn.Module,
@@ -314,20 +317,110 @@ class LaplacePosterior:
         num_samples: int = 20,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Monte-Carlo predictive ``(1/S) Σ_s softmax(f(x; θ_s))`` ``(B, C)``.
+        """Monte-Carlo predictive ``(B, C)``, see :func:`monte_carlo_predictive`."""
+        return monte_carlo_predictive(self, model, inputs, num_samples, generator)
 
-        The model's parameters are swapped for each sample and restored afterwards.
-        """
-        params = self.fisher.parameters()
-        saved = [p.detach().clone() for p in params]
-        total = None
-        try:
-            for sample in self.sample(num_samples, generator):
+
+class KroneckerLaplace:
+    r"""Laplace posterior with a Kronecker-factored Fisher per layer (Ritter et al., 2018; App. G).
+
+    Per layer the precision is ``Λ_l = N·(Ā ⊗ Ḡ) + τ_l I`` (``second_factor=True``: KFAC
+    Laplace) or ``Λ_l = N·(Ā ⊗ I) + τ_l I`` (App. G's "first factor only" variant); layers are
+    independent. With eigendecompositions ``Ā = Q_A diag(a) Q_Aᵀ`` and ``Ḡ = Q_G diag(g) Q_Gᵀ`` a
+    sample is ``W = W_MAP + Q_G [Z / sqrt(N g aᵀ + τ)] Q_Aᵀ`` with ``Z`` standard normal, exact for
+    that precision.
+
+    Args:
+        layers: the Linear/Conv2d modules, in the order of ``factors``.
+        factors: per layer ``(Ā, Ḡ)``: ``(in_dim, in_dim)`` and ``(out, out)`` (e.g. a
+            :class:`foof.KFAC` state's ``input_covariance`` and ``gradient_covariance``).
+        prior_precision: ``τ`` for all layers or one per layer, ``> 0``.
+        num_data: ``N``.
+        second_factor: keep ``Ḡ``; False replaces it by the identity.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[nn.Module],
+        factors: Sequence[tuple[Tensor, Tensor]],
+        prior_precision: float | Sequence[float],
+        num_data: int,
+        second_factor: bool = True,
+    ) -> None:
+        if isinstance(prior_precision, (int, float)):
+            prior_precision = [float(prior_precision)] * len(layers)
+        if len(prior_precision) != len(layers) or not all(t > 0 for t in prior_precision):
+            raise ValueError(f"prior_precision must be > 0 per layer, got {prior_precision}")
+        self.layers = list(layers)
+        self.eigen = []
+        for (input_cov, gradient_cov), tau in zip(factors, prior_precision):
+            a, q_a = torch.linalg.eigh(input_cov)
+            if second_factor:
+                g, q_g = torch.linalg.eigh(gradient_cov)
+            else:
+                g = torch.ones(gradient_cov.shape[0], dtype=a.dtype, device=a.device)
+                q_g = torch.eye(gradient_cov.shape[0], dtype=a.dtype, device=a.device)
+            variance = 1.0 / (num_data * torch.outer(g.clamp_min(0), a.clamp_min(0)) + tau)
+            self.eigen.append((q_a, q_g, variance.sqrt()))
+
+    def sample(self, num_samples: int = 1, generator: torch.Generator | None = None) -> list:
+        """``num_samples`` samples, each a list of tensors shaped like the layers' parameters."""
+        samples = []
+        for _ in range(num_samples):
+            sample = []
+            for module, (q_a, q_g, std) in zip(self.layers, self.eigen):
+                noise = torch.randn(
+                    std.shape, generator=generator, dtype=std.dtype, device=std.device
+                )
+                centre = module.weight.detach().flatten(1)
+                if module.bias is not None:
+                    centre = torch.cat([centre, module.bias.detach()[:, None]], dim=1)
+                matrix = centre.to(std.dtype) + q_g @ (noise * std) @ q_a.T
+                if module.bias is not None:
+                    sample += [matrix[:, :-1].reshape(module.weight.shape), matrix[:, -1]]
+                else:
+                    sample.append(matrix.reshape(module.weight.shape))
+            samples.append(sample)
+        return samples
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The parameters samples replace, in order (per layer: weight, then bias)."""
+        return [p for m in self.layers for p in m.parameters(recurse=False)]
+
+    def predictive(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        num_samples: int = 20,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Monte-Carlo predictive ``(B, C)``, see :func:`monte_carlo_predictive`."""
+        return monte_carlo_predictive(self, model, inputs, num_samples, generator)
+
+
+def monte_carlo_predictive(
+    posterior: LaplacePosterior | KroneckerLaplace,
+    model: nn.Module,
+    inputs: Tensor,
+    num_samples: int = 20,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``(1/S) Σ_s softmax(f(x; θ_s))`` ``(B, C)`` over posterior samples ``θ_s``.
+
+    The model's parameters are swapped for each sample and restored afterwards, also on error.
+    """
+    params = posterior.parameters()
+    saved = [p.detach().clone() for p in params]
+    total = None
+    try:
+        with torch.no_grad():
+            for sample in posterior.sample(num_samples, generator):
                 for p, value in zip(params, sample):
                     p.copy_(value)
                 probs = torch.softmax(model(inputs), dim=-1)
                 total = probs if total is None else total + probs
-        finally:
+    finally:
+        with torch.no_grad():
             for p, value in zip(params, saved):
                 p.copy_(value)
-        return total / num_samples
+    return total / num_samples
