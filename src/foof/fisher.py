@@ -365,17 +365,20 @@ class KroneckerLaplace:
 
     def sample(self, num_samples: int = 1, generator: torch.Generator | None = None) -> list:
         """``num_samples`` samples, each a list of tensors shaped like the layers' parameters."""
+        per_layer = []  # (S, out, in_dim) per layer, all samples drawn at once
+        for module, (q_a, q_g, std) in zip(self.layers, self.eigen):
+            noise = torch.randn(
+                (num_samples, *std.shape), generator=generator, dtype=std.dtype, device=std.device
+            )
+            centre = module.weight.detach().flatten(1)
+            if module.bias is not None:
+                centre = torch.cat([centre, module.bias.detach()[:, None]], dim=1)
+            per_layer.append(centre.to(std.dtype) + q_g @ (noise * std) @ q_a.T)
         samples = []
-        for _ in range(num_samples):
+        for index in range(num_samples):
             sample = []
-            for module, (q_a, q_g, std) in zip(self.layers, self.eigen):
-                noise = torch.randn(
-                    std.shape, generator=generator, dtype=std.dtype, device=std.device
-                )
-                centre = module.weight.detach().flatten(1)
-                if module.bias is not None:
-                    centre = torch.cat([centre, module.bias.detach()[:, None]], dim=1)
-                matrix = centre.to(std.dtype) + q_g @ (noise * std) @ q_a.T
+            for module, matrices in zip(self.layers, per_layer):
+                matrix = matrices[index]
                 if module.bias is not None:
                     sample += [matrix[:, :-1].reshape(module.weight.shape), matrix[:, -1]]
                 else:
