@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 FOOF_DATA ?= $(if $(wildcard ../shared/data/fashion-mnist.npz),$(abspath ../shared/data),)
 export FOOF_DATA
 
-.PHONY: install test lint run clean
+.PHONY: install test lint run clean reproduce-quick
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,12 @@ run: install
 	$(BIN)/foof train --optimizer foof --dataset fashion-mnist --model mlp \
 		--epochs 10 --batch-size 100 --lr 30 --damping 100 --seed 0 \
 		--out runs/foof-mlp-fashion-mnist-seed0.json
+
+## make reproduce-quick: every figure in quick mode (a CI-sized smoke run), then the report.
+REPRODUCE_OUT ?= runs/reproduction/quick
+reproduce-quick: install
+	$(BIN)/foof reproduce all --mode quick --out $(REPRODUCE_OUT) --no-progress
+	$(BIN)/foof report $(REPRODUCE_OUT)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,5 +1,8 @@
 """The ``foof`` command: ``foof train``, ``foof data download``, ``foof data info``.
 
+The experiment commands ``reproduce``, ``tune`` and ``report`` come from
+:mod:`foof.experiments.cli`.
+
 Exit status: 0 on success (also when a run diverged: that is a result, reported in the summary
 and the results file), 2 for bad arguments, missing data or an unwritable output, 130 when
 interrupted.
@@ -15,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from foof import distributed
+from foof.benchmarks import add_commands as add_bench_commands
 from foof.curvature.sampling import FISHER_TYPES, LIKELIHOODS
 from foof.data import (
     DATASETS,
@@ -26,6 +31,7 @@ from foof.data import (
     locate_dataset,
     search_dirs,
 )
+from foof.experiments.cli import add_commands as add_experiment_commands
 from foof.models import MODELS
 from foof.optim.kfac import DAMPING_MODES
 from foof.optim.natural import FISHER_BATCHES
@@ -83,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = data_commands.add_parser("info", help="show where each dataset is found")
     info.add_argument("--data-dir", default=None, help="directory searched first")
     info.set_defaults(handler=_info)
+    add_experiment_commands(commands)
+    add_bench_commands(commands)
     return parser
 
 
@@ -226,7 +234,8 @@ def _train(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else results_path(config)
     _check_writable(out)
     results = train(config, out_path=out, progress=not args.no_progress, download=True)
-    print(_summary(results, out))
+    if distributed.rank() == 0:  # under torchrun every rank runs this; one summary
+        print(_summary(results, out))
     return 0
 
 

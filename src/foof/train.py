@@ -19,6 +19,16 @@ Losses (both means over the batch, as foof's curvature optimizers assume):
   KFAC and natural gradients, which the loop selects for them. (The tensorflow/kfac example the
   paper follows uses a Bernoulli cross-entropy on ``[0, 1]`` pixels, but the paper preprocesses
   the data to zero mean and unit variance, which a Bernoulli likelihood cannot model.)
+
+Distributed: launched by ``torchrun --nproc-per-node N`` (``$WORLD_SIZE`` > 1), or with the
+default process group already initialised, :func:`train` runs data-parallel: it initialises the
+group if needed (gloo on CPU, NCCL on CUDA, each rank on GPU ``$LOCAL_RANK``), wraps the model in
+``DistributedDataParallel`` (the optimizer hooks the unwrapped model), and gives rank ``r`` the
+``r``-th of ``N`` contiguous slices of every global mini-batch of ``batch_size`` (all ranks draw
+the same permutation). With ``batch_size`` divisible by ``N`` a step is the step one process
+takes on the whole mini-batch; an uneven split (only a short last batch, or ``batch_size`` not
+divisible by ``N``) averages the ranks' gradients with equal weights, as DDP does. Only rank 0
+shows progress and writes the results file; every rank evaluates the full test set.
 """
 
 from __future__ import annotations
@@ -28,15 +38,17 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from foof import distributed
 from foof.data import Dataset, load_dataset
 from foof.io import write_json_atomic
 from foof.models import TASKS, build_model
@@ -77,6 +89,57 @@ class ConfigError(ValueError):
     """A :class:`TrainConfig` that cannot be run; the message names the offending field."""
 
 
+@dataclass
+class StepContext:
+    """What a :class:`TrainCallback` sees of one training step.
+
+    Attributes:
+        step: index of the step in the run, from 0.
+        epoch: the current epoch, from 1.
+        model: the network (in training mode).
+        optimizer: the optimizer; before ``opt.step()`` its state is that of the previous step.
+        inputs: the mini-batch inputs ``(B, ...)``.
+        targets: the mini-batch targets (labels, or the flattened images for reconstruction).
+        output: the network output of the step's forward pass.
+        loss: the step's loss (a scalar tensor, graph still attached).
+        loss_fn: the loss function, ``loss_fn(model(inputs), targets)`` is the step's loss.
+    """
+
+    step: int
+    epoch: int
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    inputs: Tensor
+    targets: Tensor
+    output: Tensor
+    loss: Tensor
+    loss_fn: LossFunction
+
+
+class TrainCallback:
+    """Per-step instrumentation hook of :func:`train`; override either method.
+
+    ``before_step`` runs after the backward pass (gradients are in ``p.grad``) and before
+    ``opt.step()``; ``after_step`` right after it (``p.grad`` still holds the step's gradient).
+    Time spent in callbacks is excluded from the step times :func:`train` records, so
+    instrumented runs still measure the optimizer's own cost. Callbacks that evaluate the
+    model should do so under ``torch.no_grad()``, which foof's optimizers do not record.
+
+    Example:
+        >>> class LossLog(TrainCallback):
+        ...     def __init__(self):
+        ...         self.losses = []
+        ...     def after_step(self, context):
+        ...         self.losses.append(context.loss.item())
+    """
+
+    def before_step(self, context: StepContext) -> None:
+        """Called after ``backward`` and before ``opt.step()``."""
+
+    def after_step(self, context: StepContext) -> None:
+        """Called right after ``opt.step()``."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a training run; saved, resolved, next to its results.
@@ -99,7 +162,8 @@ class TrainConfig:
         optimizer_options: further keyword arguments of the optimizer (e.g. ``fisher="full"``).
         model_options: keyword arguments of the model factory (e.g. ``hidden=[100]``).
         epochs: passes over the training set.
-        batch_size: mini-batch size; ``None`` or ``0`` for full-batch gradient descent.
+        batch_size: mini-batch size (the global one, split over ranks, under ``torchrun``);
+            ``None`` or ``0`` for full-batch gradient descent.
         subset: train on this many training images (the paper's 1,000-image runs); ``None``
             for all.
         subset_seed: seed of the subset draw, separate from ``seed`` so that runs with
@@ -209,6 +273,7 @@ def train(
     *,
     data: Dataset | None = None,
     download: bool = False,
+    callbacks: Sequence[TrainCallback] = (),
 ) -> dict[str, Any]:
     """Train ``config.model`` with ``config.optimizer`` and return (and save) the results.
 
@@ -228,6 +293,8 @@ def train(
         data: an already loaded dataset to use instead of loading ``config.dataset`` (e.g. when
             a sweep runs many configs); it must match ``config.dataset`` and ``config.subset``.
         download: let :func:`foof.data.load_dataset` fetch a missing dataset.
+        callbacks: per-step hooks (see :class:`TrainCallback`), called in order; their time
+            is not counted in the recorded step times.
 
     Returns:
         The results: ``format``, ``complete``, ``config`` (resolved), ``environment``,
@@ -267,7 +334,9 @@ def train(
             f"data holds {len(data.y_train)} training images but config.subset is {config.subset}"
         )
 
-    device = torch.device(config.device)
+    distributed.init_from_environment(config.device)
+    rank, world = distributed.rank(), distributed.world_size()
+    device = distributed.local_device(config.device)
     torch.manual_seed(config.seed)
     try:
         model = build_model(config.model, **dict(config.model_options)).to(device)
@@ -275,7 +344,12 @@ def train(
         raise ConfigError(
             f"model {config.model!r} rejects {config.model_options}: {error}"
         ) from error
-    optimizer = _build_optimizer(config, model)
+    optimizer = _build_optimizer(config, model)  # hooks the unwrapped model's layers
+    network = model
+    if world > 1:
+        network = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     loss_fn = _LOSSES[task]
     shuffle = torch.Generator().manual_seed(config.seed)
 
@@ -285,6 +359,8 @@ def train(
         y_train, y_test = x_train.flatten(1), x_test.flatten(1)
     n = len(x_train)
     batch = n if not config.batch_size else min(config.batch_size, n)
+    if batch < world:
+        raise ConfigError(f"batch_size {batch} leaves some of the {world} ranks without data")
     steps_per_epoch = math.ceil(n / batch)
 
     results = _new_results(config, data, model, task, device)
@@ -293,7 +369,7 @@ def train(
     train_time = 0.0
     bar = tqdm(
         total=config.epochs * steps_per_epoch,
-        disable=not progress,
+        disable=not progress or rank != 0,
         desc=f"{config.optimizer} {config.model} {config.dataset}",
         unit="step",
         dynamic_ncols=True,
@@ -304,17 +380,32 @@ def train(
             order = torch.randperm(n, generator=shuffle).to(device)
             epoch_losses: list[float] = []
             for first in range(0, n, batch):
-                index = order[first : first + batch]
+                index = order[first : first + batch].tensor_split(world)[rank]
                 optimizer.zero_grad()
-                output = model(x_train[index])
+                output = network(x_train[index])
                 loss = loss_fn(output, y_train[index])
-                value = loss.item()
+                value = _global_mean(loss, len(index))
                 if not math.isfinite(value):
                     results["diverged"] = True
                     results["diverged_step"] = len(results["steps"]["loss"])
                     break
                 backward(optimizer, loss, output)
+                if callbacks:
+                    context = StepContext(
+                        step=len(results["steps"]["loss"]),
+                        epoch=epoch,
+                        model=model,
+                        optimizer=optimizer,
+                        inputs=x_train[index],
+                        targets=y_train[index],
+                        output=output,
+                        loss=loss,
+                        loss_fn=loss_fn,
+                    )
+                    tick += _run_callbacks(callbacks, "before_step", context)
                 optimizer.step()
+                if callbacks:
+                    tick += _run_callbacks(callbacks, "after_step", context)
                 epoch_losses.append(value)
                 results["steps"]["loss"].append(value)
                 results["steps"]["time"].append(train_time + time.perf_counter() - tick)
@@ -331,7 +422,7 @@ def train(
                 if config.eval_train:
                     train_loss, _ = _evaluate(model, loss_fn, x_train, y_train, task)
                     results["epochs"]["train_eval_loss"].append(train_loss)
-            if out_path is not None and not last:
+            if out_path is not None and not last and rank == 0:
                 _finish(results, start)
                 write_json_atomic(out_path, results)
             if results["diverged"]:
@@ -340,9 +431,26 @@ def train(
         bar.close()
     results["complete"] = True
     _finish(results, start)
-    if out_path is not None:
+    if out_path is not None and rank == 0:
         write_json_atomic(out_path, results)
     return results
+
+
+def _global_mean(loss: Tensor, count: int) -> float:
+    """The loss over the global batch (all ranks agree on it, so they stop together)."""
+    if not distributed.is_distributed():
+        return loss.item()
+    total = torch.stack([loss.detach() * count, loss.new_tensor(float(count))]).double()
+    distributed.all_reduce_sum_([total])
+    return float(total[0] / total[1])
+
+
+def _run_callbacks(callbacks: Sequence[TrainCallback], hook: str, context: StepContext) -> float:
+    """Call ``hook`` of every callback; returns the seconds it took (kept out of step times)."""
+    start = time.perf_counter()
+    for callback in callbacks:
+        getattr(callback, hook)(context)
+    return time.perf_counter() - start
 
 
 def cross_entropy(output: Tensor, labels: Tensor) -> Tensor:
@@ -411,7 +519,7 @@ def _new_results(
         "format": RESULTS_FORMAT,
         "complete": False,
         "config": config.to_dict(),
-        "environment": environment(device),
+        "environment": {**environment(device), "world_size": distributed.world_size()},
         "dataset": data.describe(),
         "model": {
             "name": config.model,

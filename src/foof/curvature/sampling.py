@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from foof import distributed
 from foof.capture import Capture, output_rows
 
 FISHER_TYPES = ("mc", "full", "empirical")
@@ -78,6 +79,7 @@ def layer_output_grads(
     fisher: str,
     likelihood: str,
     generator: torch.Generator | None = None,
+    samples: Tensor | None = None,
 ) -> dict[nn.Module, Tensor]:
     """Per-layer ``e`` rows for the Fisher estimate ``fisher``, from the captured layers.
 
@@ -92,6 +94,8 @@ def layer_output_grads(
         fisher: ``"mc"``, ``"full"`` or ``"empirical"``.
         likelihood: ``"categorical"`` or ``"gaussian"``.
         generator: random generator for ``"mc"``.
+        samples: the output gradients ``(K, B, C)`` to backpropagate, if already drawn (see
+            :func:`sample_output_grads`); by default they are drawn here.
 
     Returns:
         ``{layer: (K, rows, out_dim)}`` for every layer with recorded data.
@@ -108,7 +112,8 @@ def layer_output_grads(
     outputs = [out for m in layers for out in capture.records[m].outputs]
     if not outputs:
         return {}
-    samples = sample_output_grads(output, fisher, likelihood, generator)
+    if samples is None:
+        samples = sample_output_grads(output, fisher, likelihood, generator)
     per_term: list[tuple[Tensor, ...]] = []
     with capture.paused_grads():
         for grad_output in samples:
@@ -153,6 +158,13 @@ class FisherSampler:
         likelihood: ``"categorical"`` or ``"gaussian"``.
         seed: seed of the MC generator; ``None`` draws one from torch's global RNG, so
             ``torch.manual_seed`` makes runs reproducible.
+
+    Under ``torch.distributed`` the MC labels are drawn for the *global* batch: the network
+    outputs ``(B_r, C)`` of all ranks are all-gathered (``B·C`` numbers per statistics step),
+    every rank draws the same labels for all of them from its generator (seeded alike: the seed
+    is broadcast from rank 0 when the generator is created) and keeps its own rows. The ranks
+    thus use exactly the labels one process would draw for the concatenated batch, and the
+    generator state, saved in checkpoints, is the same on every rank.
     """
 
     def __init__(self, fisher: str, likelihood: str, seed: int | None = None) -> None:
@@ -179,20 +191,47 @@ class FisherSampler:
             return
         if output is None:
             raise ValueError("this optimizer needs the network output: opt.backward(loss, output)")
-        if not bool(torch.isfinite(output.detach()).all()):
+        samples = None
+        if self.fisher == "mc" and distributed.is_distributed():
+            samples = self._global_samples(output)
+            finite = samples is not None
+        else:
+            finite = bool(torch.isfinite(output.detach()).all())
+        if not finite:
             # No labels can be sampled from a non-finite output; the non-finite loss gradients
             # make the optimizer skip this step (see CurvatureOptimizer.find_nonfinite).
             loss.backward()
             return
         if self.fisher != "empirical":
             grads = layer_output_grads(
-                capture, output, self.fisher, self.likelihood, self.generator(output.device)
+                capture,
+                output,
+                self.fisher,
+                self.likelihood,
+                self.generator(output.device) if samples is None else None,
+                samples=samples,
             )
             loss.backward()
         else:
             loss.backward()
             grads = layer_output_grads(capture, output, "empirical", self.likelihood)
         self._pending = (grads, output.shape[0])
+
+    def _global_samples(self, output: Tensor) -> Tensor | None:
+        """This rank's rows of MC output gradients drawn for the all-gathered global batch.
+
+        None if some rank's output is not finite (then no rank draws, and all skip the step).
+        """
+        if self._generator is None:
+            self.seed = distributed.broadcast_int(self.seed)
+        (everyone,), counts = distributed.all_gather_rows([output.detach()])
+        if not bool(torch.isfinite(everyone).all()):
+            return None
+        samples = sample_output_grads(
+            everyone, "mc", self.likelihood, self.generator(output.device)
+        )
+        start = sum(c[0] for c in counts[: distributed.rank()])
+        return samples[:, start : start + output.shape[0]]
 
     @property
     def pending(self) -> tuple[dict[nn.Module, Tensor], int] | None:

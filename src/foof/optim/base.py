@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from foof import distributed
 from foof.capture import Capture, is_supported, warn_unsupported
 from foof.curvature.sampling import FisherSampler
 from foof.validation import check_choice, check_range
@@ -244,12 +245,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             names = {m: n for n, m in self.layers.items()}
             for module, grads in self.sampler.pending[0].items():
                 named.append((f"the Fisher output gradients of layer {names.get(module)!r}", grads))
-        if not named:
-            return None
-        finite = torch.stack([torch.isfinite(t).all() for _, t in named])
-        if bool(finite.all()):  # one synchronisation for the common, healthy case
-            return None
-        return named[int((~finite).nonzero()[0])][0]
+        fault = None
+        if named:
+            finite = torch.stack([torch.isfinite(t).all() for _, t in named])
+            if not bool(finite.all()):  # one synchronisation for the common, healthy case
+                fault = named[int((~finite).nonzero()[0])][0]
+        # Under torch.distributed every rank must skip the same steps, or a rank that skips
+        # alone would leave the others waiting in the next statistics reduction.
+        like = self.param_groups[0]["params"][0]
+        if distributed.any_rank(fault is not None, like=like) and fault is None:
+            fault = "a loss, gradient or statistic on another rank"
+        return fault
 
     def _skip_step(self, fault: str, group: dict[str, Any]) -> None:
         """Leave parameters, momentum, statistics and the step counter as they were."""

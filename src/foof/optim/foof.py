@@ -56,6 +56,11 @@ class FOOF(KroneckerFactoredOptimizer):
         weight_decay: decoupled weight decay ``>= 0``.
         low_rank: compute the product through ``Ĝ = EᵀA`` when that needs fewer flops (exact;
             see :meth:`~foof.optim.kronecker.KroneckerFactoredOptimizer.low_rank_factors`).
+        inverse_sharding: under ``torch.distributed``, ``"replicated"`` (default) inverts every
+            layer on every rank; ``"sharded"`` inverts layer ``i`` on rank ``i mod world_size``
+            and broadcasts ``P_l``. Without a process group both invert locally. Statistics are
+            always reduced over ranks (see
+            :class:`~foof.optim.kronecker.KroneckerFactoredOptimizer`).
         nonfinite: ``"skip"`` (default): a step whose loss, gradients or statistics hold a
             NaN/Inf changes nothing (parameters, momentum, statistics, step counter) and warns
             once per cause; ``"raise"``: raise :class:`foof.optim.base.NonFiniteError`.
@@ -91,6 +96,7 @@ class FOOF(KroneckerFactoredOptimizer):
         weight_decay: float = 0.0,
         nonfinite: str = "skip",
         low_rank: bool = True,
+        inverse_sharding: str = "replicated",
     ) -> None:
         super().__init__(
             model,
@@ -102,12 +108,17 @@ class FOOF(KroneckerFactoredOptimizer):
             momentum,
             weight_decay,
             low_rank,
+            inverse_sharding,
             nonfinite=nonfinite,
         )
 
     def invert(self, name: str, state: dict[str, Any], group: dict[str, Any]) -> None:
         """``P_l = (Σ_l + λI)⁻¹``."""
         state["inverse"] = damped_inverse(state["input_covariance"], group["damping"])
+
+    def inverse_shapes(self, state: dict[str, Any], group: dict[str, Any]) -> dict[str, tuple]:
+        """``P_l`` has the shape of ``Σ_l``."""
+        return {"inverse": tuple(state["input_covariance"].shape)}
 
     def precondition(self, module: nn.Module, grad: Tensor, group: dict[str, Any]) -> Tensor:
         """``D = Ĝ · P`` (paper eq. 6): ``(out, in_dim) @ (in_dim, in_dim)``, or ``Eᵀ(A P)``."""

@@ -69,6 +69,13 @@ class KFAC(KroneckerFactoredOptimizer):
         seed: seed of the generator for MC labels; ``None`` draws it from torch's global RNG.
         low_rank: compute the product through ``Ĝ = EᵀA`` when that needs fewer flops (exact;
             see :meth:`~foof.optim.kronecker.KroneckerFactoredOptimizer.low_rank_factors`).
+        inverse_sharding: under ``torch.distributed``, ``"replicated"`` (default) inverts (or
+            eigendecomposes) every layer's factors on every rank; ``"sharded"`` does layer ``i``
+            on rank ``i mod world_size`` and broadcasts the results. Without a process group
+            both work locally. ``Ā`` and ``Ḡ`` are always reduced over ranks (see
+            :class:`~foof.optim.kronecker.KroneckerFactoredOptimizer`); with ``fisher="mc"``
+            the labels are drawn for the gathered global batch, so ranks sample exactly what
+            one process would (see :class:`~foof.curvature.sampling.FisherSampler`).
         nonfinite: ``"skip"`` (default): a step whose loss, gradients or statistics hold a
             NaN/Inf changes nothing (parameters, momentum, statistics, step counter) and warns
             once per cause; ``"raise"``: raise :class:`foof.optim.base.NonFiniteError`.
@@ -109,6 +116,7 @@ class KFAC(KroneckerFactoredOptimizer):
         seed: int | None = None,
         nonfinite: str = "skip",
         low_rank: bool = True,
+        inverse_sharding: str = "replicated",
     ) -> None:
         check_choice("damping_mode", damping_mode, DAMPING_MODES)
         check_choice("fisher", fisher, FISHER_TYPES)
@@ -127,6 +135,7 @@ class KFAC(KroneckerFactoredOptimizer):
             momentum,
             weight_decay,
             low_rank,
+            inverse_sharding,
             damping_mode=damping_mode,
             fisher=fisher,
             likelihood=likelihood,
@@ -203,6 +212,21 @@ class KFAC(KroneckerFactoredOptimizer):
         else:
             pi = pi_factor(input_cov, gradient_cov)
             state["input_inverse"] = damped_inverse(input_cov, pi * group["damping"] ** 0.5)
+
+    def inverse_shapes(self, state: dict[str, Any], group: dict[str, Any]) -> dict[str, tuple]:
+        """What :meth:`invert` writes for the current damping mode, by state key."""
+        a = tuple(state["input_covariance"].shape)
+        g = tuple(state["gradient_covariance"].shape)
+        if group["damping_mode"] == "standard":
+            return {
+                "input_eigenvalues": a[:1],
+                "input_eigenvectors": a,
+                "gradient_eigenvalues": g[:1],
+                "gradient_eigenvectors": g,
+            }
+        if group["second_factor"]:
+            return {"input_inverse": a, "gradient_inverse": g}
+        return {"input_inverse": a}
 
     def precondition(self, module: nn.Module, grad: Tensor, group: dict[str, Any]) -> Tensor:
         """Heuristic: ``(Ḡ+√λ/π I)⁻¹ Ĝ (Ā+π√λ I)⁻¹``; standard: ``mat((Ā⊗Ḡ+λI)⁻¹ vec Ĝ)``."""

@@ -3,6 +3,11 @@
 Both keep an EMA of the input covariance ``Ā = Σ`` per layer, update it on the ``stats_steps``
 steps before each inversion (Algorithm 1), and recompute their damped inverses every
 ``inv_every`` steps. The subclasses only say how to invert and how to precondition.
+
+Under ``torch.distributed`` (see :mod:`foof.distributed`) the batch statistics are summed over
+ranks before the EMA, on statistics steps only, so every rank holds the factors of the global
+batch; with ``inverse_sharding="sharded"`` each layer's inverse is computed on one rank and
+broadcast.
 """
 
 from __future__ import annotations
@@ -12,10 +17,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from foof import distributed
 from foof.curvature.kronecker import gradient_covariance
 from foof.curvature.linalg import second_moment, update_ema_
 from foof.optim.base import CurvatureOptimizer
-from foof.validation import check_int, check_range
+from foof.validation import check_choice, check_int, check_range
+
+INVERSE_SHARDINGS = ("replicated", "sharded")
 
 
 def is_stats_step(step: int, inv_every: int, stats_steps: int | None) -> bool:
@@ -39,8 +47,26 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
     """Base of FOOF and KFAC: EMA statistics, the amortisation schedule, the inversion cadence.
 
     Subclasses implement :meth:`invert` (fill the layer state with whatever
-    :meth:`~foof.optim.base.CurvatureOptimizer.precondition` needs) and may set
-    ``uses_gradient_factor`` and provide :meth:`gradient_rows`.
+    :meth:`~foof.optim.base.CurvatureOptimizer.precondition` needs) and
+    :meth:`inverse_shapes`, and may set ``uses_gradient_factor`` and provide
+    :meth:`gradient_rows`.
+
+    Distributed training (``torch.distributed`` initialised with more than one rank, the model
+    wrapped in ``DistributedDataParallel``; pass the optimizer the unwrapped model):
+
+    * On statistics steps every layer's *unnormalised* batch sums (``Σ_r ā_r ā_rᵀ`` and its row
+      count; for KFAC also ``Σ e eᵀ`` and its sample count) are summed over ranks in one packed
+      all-reduce and only then normalised and averaged into the EMA, so each rank holds exactly
+      the factors one process would compute from the global batch, whatever the local batch
+      sizes. Steps that take no statistics communicate nothing.
+    * ``inverse_sharding="sharded"``: on inversion steps layer ``i`` (in ``model.named_modules()``
+      order) is inverted on rank ``i mod world_size`` and the result broadcast (KAISA, Pauloski
+      et al., 2021); ``"replicated"`` (the default, and what a single process does) inverts
+      every layer on every rank and sends nothing.
+    * The low-rank product is skipped: ``Ĝ`` is the all-reduced gradient of the global batch
+      while the recorded ``E``, ``A`` are this rank's, so ``Ĝ = EᵀA`` never holds.
+    * ``p.grad`` is DDP's average over ranks, which is the global batch's gradient when the
+      ranks hold equal batches (as ``DistributedSampler`` gives).
     """
 
     uses_gradient_factor = False
@@ -56,9 +82,11 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         momentum: float,
         weight_decay: float,
         low_rank: bool = True,
+        inverse_sharding: str = "replicated",
         **extra: Any,
     ) -> None:
         check_range("damping", damping, 0.0)
+        check_choice("inverse_sharding", inverse_sharding, INVERSE_SHARDINGS)
         check_range("ema_decay", ema_decay, 0.0, 1.0, high_open=True)
         check_int("inv_every", inv_every, 1)
         check_int("stats_steps", stats_steps, 1, allow_none=True)
@@ -72,6 +100,7 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
             stats_steps=stats_steps,
             momentum=momentum,
             weight_decay=weight_decay,
+            inverse_sharding=inverse_sharding,
             **extra,
         )
         super().__init__(model, defaults)
@@ -84,13 +113,17 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         group = self.param_groups[0]
         return is_stats_step(group["step"], group["inv_every"], group["stats_steps"])
 
+    def uses_low_rank(self) -> bool:
+        """Whether the low-rank product may be used: ``low_rank`` and a single process."""
+        return self.low_rank and not distributed.is_distributed()
+
     def wants_inputs(self) -> bool:
         """Inputs on statistics steps, and on every step for the low-rank product."""
-        return self.low_rank or self.is_stats_step()
+        return self.uses_low_rank() or self.is_stats_step()
 
     def wants_output_grads(self) -> bool:
         """Output gradients of the loss for the low-rank product ``Ĝ = EᵀA``."""
-        return self.low_rank
+        return self.uses_low_rank()
 
     def low_rank_factors(self, module: nn.Module, grad: Tensor, two_sided: bool) -> tuple | None:
         """``(E, A)`` with ``Ĝ = EᵀA`` when that form of the product is cheaper and exact.
@@ -101,7 +134,8 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         when it needs fewer flops (decided from the shapes) and when ``Ĝ`` really is ``EᵀA``:
         a gradient changed after backward (clipping, an L2 term added outside the layer output)
         is detected by comparing ``Ĝ r`` with ``Eᵀ(A r)`` for a fixed random ``r``, and then the
-        dense product is used.
+        dense product is used. Under ``torch.distributed`` it is never used (the check would
+        always fail, see the class docstring), and ``E`` is then not even recorded.
 
         Args:
             module: the layer.
@@ -111,7 +145,7 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         Returns:
             ``(E, A)`` in ``grad``'s factor dtype, or None for the dense product.
         """
-        if not self.low_rank:
+        if not self.uses_low_rank():
             return None
         output_grads = self.capture.output_grads(module)
         rows = self._step_rows.get(module)
@@ -147,6 +181,14 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         """Recompute the layer's damped inverse(s) from its factors in ``state``."""
         raise NotImplementedError
 
+    def inverse_shapes(self, state: dict[str, Any], group: dict[str, Any]) -> dict[str, tuple]:
+        """Shape of every tensor :meth:`invert` writes into ``state`` (in the factors' dtype).
+
+        Used by sharded inversion: the ranks that do not invert a layer allocate these to
+        receive the broadcast.
+        """
+        raise NotImplementedError
+
     def update_curvature(self, group: dict[str, Any]) -> None:
         """EMA of the factors on statistics steps, then the inverses on inversion steps."""
         invert = group["step"] % group["inv_every"] == 0
@@ -157,37 +199,134 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         if self.uses_gradient_factor and stats_step:
             gradients, batch_size = self.gradient_rows()
         self._step_rows = {}
-        for name, module, state in self.layer_items():
-            if module.weight.grad is None:
-                continue
-            dtype = factor_dtype(module.weight)
-            rows = self.capture.inputs(module)
-            self._step_rows[module] = rows
-            if rows is not None and stats_step:
-                state["input_covariance"] = update_ema_(
-                    state.get("input_covariance"), second_moment(rows, dtype), decay
-                )
-            if module in gradients:
-                state["gradient_covariance"] = update_ema_(
-                    state.get("gradient_covariance"),
-                    gradient_covariance(gradients[module], batch_size, dtype),
-                    decay,
-                )
-            if invert or not self.has_inverse(state):
-                missing = [k for k in self.factor_names() if k not in state]
-                if missing:
-                    raise RuntimeError(
-                        f"{type(self).__name__}: no statistics ({', '.join(missing)}) for layer "
-                        f"{name!r}. Run the training step's forward pass with the model in "
-                        "train() mode and autograd enabled"
-                        + (
-                            ", and call opt.backward(loss, output)"
-                            if self.uses_gradient_factor
-                            else ""
-                        )
-                        + "."
+        active = [item for item in self.layer_items() if item[1].weight.grad is not None]
+        for _, module, _ in active:
+            self._step_rows[module] = self.capture.inputs(module)
+        if stats_step:
+            statistics = self.batch_statistics(active, gradients, batch_size)
+            for _, module, state in active:
+                input_cov, gradient_cov = statistics[module]
+                if input_cov is not None:
+                    state["input_covariance"] = update_ema_(
+                        state.get("input_covariance"), input_cov, decay
                     )
+                if gradient_cov is not None:
+                    state["gradient_covariance"] = update_ema_(
+                        state.get("gradient_covariance"), gradient_cov, decay
+                    )
+        pending = [item for item in active if invert or not self.has_inverse(item[2])]
+        for name, _, state in pending:
+            missing = [k for k in self.factor_names() if k not in state]
+            if missing:
+                raise RuntimeError(
+                    f"{type(self).__name__}: no statistics ({', '.join(missing)}) for layer "
+                    f"{name!r}. Run the training step's forward pass with the model in "
+                    "train() mode and autograd enabled"
+                    + (", and call opt.backward(loss, output)" if self.uses_gradient_factor else "")
+                    + "."
+                )
+        self.invert_layers(pending, group)
+
+    def batch_statistics(
+        self,
+        layers: list[tuple[str, nn.Module, dict[str, Any]]],
+        gradients: dict[nn.Module, Tensor],
+        batch_size: int,
+    ) -> dict[nn.Module, tuple[Tensor | None, Tensor | None]]:
+        """This step's ``(1/R) Σ ā āᵀ`` and ``Ḡ`` per layer, of the global batch if distributed.
+
+        A single process normalises its own rows (:func:`~foof.curvature.linalg.second_moment`,
+        :func:`~foof.curvature.kronecker.gradient_covariance`). Under ``torch.distributed`` every
+        rank contributes the unnormalised sums and their counts (rows for ``Ā``, samples ``B``
+        for ``Ḡ``; zeros for a layer it has no data for) to one all-reduce and divides the
+        global sums by the global counts, so unequal local batches are weighted correctly.
+
+        Returns:
+            ``{module: (input covariance or None, gradient covariance or None)}``; None where
+            no rank had data (the factor is then left as it was).
+        """
+        if not distributed.is_distributed():
+            statistics = {}
+            for _, module, _ in layers:
+                dtype = factor_dtype(module.weight)
+                rows = self._step_rows[module]
+                statistics[module] = (
+                    None if rows is None else second_moment(rows, dtype),
+                    gradient_covariance(gradients[module], batch_size, dtype)
+                    if module in gradients
+                    else None,
+                )
+            return statistics
+        tensors: list[Tensor] = []
+        symmetric: list[bool] = []
+        for _, module, _ in layers:
+            weight = module.weight
+            dtype = factor_dtype(weight)
+            in_dim = weight[0].numel() + (module.bias is not None)
+            rows = self._step_rows[module]
+            if rows is None:
+                input_sum = weight.new_zeros(in_dim, in_dim, dtype=dtype)
+                input_count = 0
+            else:
+                rows = rows.to(dtype)
+                input_sum, input_count = rows.T @ rows, rows.shape[0]
+            tensors.append(input_sum)
+            # counts travel in the factors' dtype, exact up to 2^24 rows per step in float32
+            tensors.append(weight.new_tensor([input_count], dtype=dtype))
+            symmetric += [True, False]
+            if self.uses_gradient_factor:
+                if module in gradients:
+                    flat = gradients[module].reshape(-1, weight.shape[0]).to(dtype)
+                    gradient_sum, gradient_count = flat.T @ flat, batch_size
+                else:
+                    gradient_sum = weight.new_zeros(weight.shape[0], weight.shape[0], dtype=dtype)
+                    gradient_count = 0
+                tensors += [gradient_sum, weight.new_tensor([gradient_count], dtype=dtype)]
+                symmetric += [True, False]
+        distributed.all_reduce_sum_(tensors, symmetric)
+        reduced = iter(tensors)
+        statistics = {}
+        for _, module, _ in layers:
+            input_sum, input_count = next(reduced), float(next(reduced))
+            gradient_cov = None
+            if self.uses_gradient_factor:
+                gradient_sum, gradient_count = next(reduced), float(next(reduced))
+                if gradient_count > 0:
+                    gradient_cov = gradient_sum.div_(gradient_count)
+            input_cov = input_sum.div_(input_count) if input_count > 0 else None
+            statistics[module] = (input_cov, gradient_cov)
+        return statistics
+
+    def invert_layers(
+        self, layers: list[tuple[str, nn.Module, dict[str, Any]]], group: dict[str, Any]
+    ) -> None:
+        """Run :meth:`invert` for ``layers``: everywhere, or sharded over ranks and broadcast.
+
+        With ``inverse_sharding="sharded"`` under ``torch.distributed``, layer ``i`` (its index
+        in :attr:`layers`, the same on every rank) is inverted on rank ``i mod world_size``;
+        every rank first inverts all the layers it owns, then all results are broadcast at
+        once, so no rank waits on another's inversion before starting its own.
+        """
+        sharded = group.get("inverse_sharding", "replicated") == "sharded"
+        if not (sharded and distributed.is_distributed()):
+            for name, _, state in layers:
                 self.invert(name, state, group)
+            return
+        world, me = distributed.world_size(), distributed.rank()
+        index = {module: i for i, module in enumerate(self.layers.values())}
+        owners = [index[module] % world for _, module, _ in layers]
+        for (name, _, state), owner in zip(layers, owners):
+            if owner == me:
+                self.invert(name, state, group)
+        items = []
+        for (_, _, state), owner in zip(layers, owners):
+            like = state["input_covariance"]
+            for key, shape in self.inverse_shapes(state, group).items():
+                # Same memory layout on every rank (cholesky_inverse and eigh return
+                # column-major results), so the products round alike and replicas stay equal.
+                state[key] = state[key].contiguous() if owner == me else like.new_empty(shape)
+                items.append((state[key], owner))
+        distributed.broadcast_from_owners(items)
 
     def factor_names(self) -> tuple[str, ...]:
         """State keys of the factors this method needs before it can invert."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from foof import distributed
 from foof.curvature.sampling import FISHER_TYPES, LIKELIHOODS, FisherSampler
 from foof.curvature.woodbury import LayerFisherData
 from foof.fisher import SubsampledFisher
@@ -32,6 +34,15 @@ class NaturalGradient(CurvatureOptimizer):
 
     Then momentum, decoupled weight decay and ``θ ← θ − lr·D`` as in :class:`foof.FOOF`.
     Parameters of unsupported layers (BatchNorm, ...) are outside ``F`` and get plain SGD.
+
+    Distributed (``torch.distributed`` with more than one rank, the model wrapped in
+    ``DistributedDataParallel``, the optimizer given the unwrapped model): on steps that refresh
+    the Fisher batch every rank all-gathers every layer's ``A`` and ``E`` (rank 0's rows first)
+    and the batch sizes, so the stored Fisher is that of the *global* batch;
+    that is ``Σ_l global rows · (in_dim_l + K·out_l)`` numbers per refresh, ``O(global batch ·
+    neurons)`` and never ``O(parameters²)``. The ``M×M`` Gram matrix, ``Gᵀ∇L`` and the solve are
+    then computed identically on every rank from the global data and DDP's averaged gradient,
+    so nothing else travels; steps between refreshes (``inv_every``) communicate nothing.
 
     Args:
         model: the network.
@@ -153,12 +164,27 @@ class NaturalGradient(CurvatureOptimizer):
                 "train() mode with autograd enabled and call opt.backward(loss, output)."
             )
         grads, batch_size = pending
-        for name, module, state in self.layer_items():
-            inputs = self.capture.inputs(module)
-            if inputs is None or module not in grads:
+        layers = list(self.layer_items())
+        inputs, output_grads = [], []
+        for name, module, _ in layers:
+            rows = self.capture.inputs(module)
+            if rows is None or module not in grads:
                 raise RuntimeError(f"NaturalGradient: layer {name!r} took no part in the forward")
-            state["fisher_inputs"] = inputs
-            state["fisher_output_grads"] = grads[module].to(inputs.dtype)
+            inputs.append(rows)
+            output_grads.append(grads[module].to(rows.dtype))
+        if distributed.is_distributed():
+            # E is (K, rows, out): gathered along its rows, i.e. as (rows, K, out)
+            gathered, _ = distributed.all_gather_rows(
+                inputs + [e.transpose(0, 1) for e in output_grads]
+            )
+            inputs = gathered[: len(layers)]
+            output_grads = [e.transpose(0, 1).contiguous() for e in gathered[len(layers) :]]
+            total = torch.tensor([batch_size], device=inputs[0].device)
+            distributed.all_reduce_sum_([total])
+            batch_size = int(total.item())
+        for (_, _, state), rows, e in zip(layers, inputs, output_grads):
+            state["fisher_inputs"] = rows
+            state["fisher_output_grads"] = e
             state["fisher_batch_size"] = batch_size
 
     def update_curvature(self, group: dict[str, Any]) -> None:

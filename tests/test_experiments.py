@@ -1,0 +1,544 @@
+"""foof.experiments: figure specs, checks, instruments (vs dense math), toy example, runner
+(resume, reuse, atomic writes), tuning, report and the CLI commands."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from foof.cli import main
+from foof.experiments import FIGURES, build, figure_id
+from foof.experiments import hyperparameters as hp
+from foof.experiments import runner as runner_module
+from foof.experiments import tune as tune_module
+from foof.experiments.checks import (
+    AtLeast,
+    Below,
+    Equals,
+    Exceeds,
+    Increasing,
+    LowerWorkingDamping,
+    Near,
+    RatioAtMost,
+    Summary,
+    check_from_dict,
+    combine,
+    metric_value,
+)
+from foof.experiments.figures import FULLBATCH_IMAGES
+from foof.experiments.instruments import KfacFoofCosine, SecondFactorProgress
+from foof.experiments.report import write_report
+from foof.experiments.runner import plan, reproduce
+from foof.experiments.spec import Figure, Run
+from foof.experiments.toy import toy_example
+from foof.io import read_json
+from foof.optim.kfac import KFAC
+from foof.train import StepContext, TrainCallback, TrainConfig, train
+
+# -- specs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["quick", "standard"])
+@pytest.mark.parametrize("name", list(FIGURES))
+def test_every_figure_resolves_to_valid_configs(name, mode):
+    figure = build(name, mode)
+    assert figure.id == name and figure.mode == mode and figure.claim and figure.checks
+    for entries in ({}, hp.load()):
+        planned = plan(figure, "/nonexistent", entries=entries)
+        assert len(planned) == len(figure.runs) * figure.seeds
+        for p in planned:
+            if figure.kind == "train":
+                p.config.validate()  # resolved and valid
+                assert TrainConfig.from_dict(p.config.to_dict()) == p.config
+                assert p.config.seed == p.seed
+            assert p.path.name == f"{p.run.label}-seed{p.seed}.json"
+    for check in figure.checks:
+        assert check_from_dict(json.loads(json.dumps(check.to_dict()))) == check
+    json.dumps(figure.to_dict())
+
+
+def test_standard_mode_follows_the_paper():
+    figure = build("1A", "standard")
+    config = plan(figure, "/x", entries={})[0].config
+    assert (config.model, config.batch_size, config.epochs) == ("mlp", 100, 10)
+    assert config.model_options == {} and figure.seeds == 3
+    full_figure = build("1D", "standard")
+    full = plan(full_figure, "/x", entries={})[0].config
+    # the paper's 1,000 images, reduced (and said so) because exact full-Fisher steps are slow
+    assert (full.subset, full.batch_size, full.epochs) == (FULLBATCH_IMAGES, None, 100)
+    assert "instead of the paper's 1,000" in full_figure.reduction
+
+
+def test_figure_ids_and_aliases():
+    assert figure_id("3c") == "3CD" and figure_id("toy") == "F" and figure_id("conv") == "5"
+    with pytest.raises(KeyError, match="unknown figure"):
+        figure_id("7Z")
+
+
+def test_spec_rejects_bad_runs_and_checks():
+    with pytest.raises(ValueError, match="file-safe"):
+        Run("a b", "x")
+    with pytest.raises(ValueError, match="cannot tune"):
+        Run("a", "x", tune=("ema_decay",))
+    with pytest.raises(ValueError, match="unknown runs"):
+        Figure("X", "t", "c", "quick", runs=(Run("a", "A"),), checks=(Below("a", "b"),))
+
+
+# -- checks -----------------------------------------------------------------------------------
+
+
+def _values(table):
+    return lambda label, metric: table.get(label, [])
+
+
+def test_below_verdicts():
+    assert Below("a", "b").evaluate(_values({"a": [1, 1.1], "b": [5, 5.2]})).verdict == "yes"
+    assert Below("a", "b").evaluate(_values({"a": [5, 5.2], "b": [1, 1.1]})).verdict == "no"
+    overlap = _values({"a": [1, 3], "b": [2, 4]})
+    assert Below("a", "b").evaluate(overlap).verdict == "inconclusive"
+    ten = _values({"a": [1.0], "b": [5.0]})
+    assert Below("a", "b", factor=10).evaluate(ten).verdict == "no"
+    assert Below("a", "b").evaluate(_values({"a": [1.0]})).verdict == "missing"
+    diverged = _values({"a": [1.0], "b": [math.inf]})
+    assert Below("a", "b").evaluate(diverged).verdict == "yes"
+    assert Below("b", "a").evaluate(diverged).verdict == "no"
+
+
+def test_other_checks():
+    v = _values({"a": [1.0, 1.1], "b": [1.5, 1.6], "c": [9.0], "d": [0.2, 0.3]})
+    assert Near("a", "b", 2).evaluate(v).verdict == "yes"
+    assert Near("a", "c", 2).evaluate(v).verdict == "no"
+    assert RatioAtMost("b", "a", 2).evaluate(v).verdict == "yes"
+    assert RatioAtMost("c", "a", 2).evaluate(v).verdict == "no"
+    assert Increasing(("d", "a", "c"), "m").evaluate(v).verdict == "yes"
+    assert Increasing(("c", "a"), "m").evaluate(v).verdict == "no"
+    assert Equals("c", "m", 9.0).evaluate(v).verdict == "yes"
+    assert AtLeast("d", "m", 0.25).evaluate(v).verdict == "no"
+    assert AtLeast("d", "m", 0.2).evaluate(v).verdict == "yes"
+    assert AtLeast("d", "m", 0.2, strict=True).evaluate(v).verdict == "no"
+    two = lambda label, metric: {"hi": [2.0, 2.1], "lo": [1.0, 1.1]}[metric]  # noqa: E731
+    assert Exceeds("x", "hi", "lo").evaluate(two).verdict == "yes"
+    assert Exceeds("x", "lo", "hi").evaluate(two).verdict == "no"
+    sweep = _values({"f1": [1.0], "f2": [0.5], "f3": [0.6], "k1": [9.0], "k2": [3.0], "k3": [0.5]})
+    check = LowerWorkingDamping(
+        (("f1", 1), ("f2", 2), ("f3", 3)), (("k1", 1), ("k2", 2), ("k3", 3))
+    )
+    assert check.evaluate(sweep).verdict == "yes"
+    assert combine(["yes", "inconclusive"]) == "inconclusive"
+    assert combine(["yes", "no", "missing"]) == "no"
+    assert combine(["yes", "yes"]) == "yes"
+
+
+def test_summary_and_metrics():
+    s = Summary.of([1.0, 2.0, 3.0])
+    assert (s.mean, s.std, s.n) == (2.0, 1.0, 3)
+    assert str(Summary.of([1.0, math.inf])) == "diverged"
+    results = {
+        "diverged": False,
+        "epochs": {"train_eval_loss": [0.5, 0.25]},
+        "final": {"train_loss": 0.3, "test_accuracy": 0.9},
+        "steps": {"time": [1.0, 2.0, 4.0]},
+        "metrics": {"inst": {"mean": 0.7}},
+    }
+    assert metric_value(results, "final_train_loss") == 0.25
+    assert metric_value(results, "time_per_update") == 1.5
+    assert metric_value(results, "metric:inst/mean") == 0.7
+    assert metric_value({**results, "diverged": True}, "final_train_loss") == math.inf
+
+
+# -- toy example ------------------------------------------------------------------------------
+
+
+def test_toy_example_matches_the_paper():
+    values = toy_example()["values"]
+    assert (values["negative_gradient_1_0"], values["negative_gradient_1_1"]) == (3.0, 1.0)
+    assert (values["negative_gradient_2_0"], values["negative_gradient_2_1"]) == (-1.0, 0.0)
+    assert (values["sgd_direction_0"], values["sgd_direction_1"]) == (2.0, 1.0)
+    assert values["sgd_loss_2_increase_min"] > 0
+    assert values["foof_weight_0"] == pytest.approx(-1.0, abs=1e-12)
+    assert values["foof_weight_1"] == pytest.approx(4.0, abs=1e-12)
+    assert values["foof_loss_1"] == pytest.approx(0.0, abs=1e-20)
+    assert values["foof_loss_2"] == pytest.approx(0.0, abs=1e-20)
+    figure = build("F")
+    outcomes = [
+        c.evaluate(lambda label, m: [metric_value({"values": values}, m)]) for c in figure.checks
+    ]
+    assert all(o.verdict == "yes" for o in outcomes)
+
+
+# -- instruments vs dense float64 math --------------------------------------------------------
+
+
+def _tiny_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3, bias=False)).double()
+
+
+def _dense_factors(model, x, lr, damping, mode):
+    """Per layer: Ā (mean of ā āᵀ), Ḡ (full Fisher), Ĝ and KFAC's direction, all dense."""
+    layers = [m for m in model if isinstance(m, nn.Linear)]
+    inputs, outputs = {}, {}
+
+    def record(module, args, output):
+        inputs[module], outputs[module] = args[0], output
+
+    hooks = [m.register_forward_hook(record) for m in layers]
+    logits = model(x)
+    for h in hooks:
+        h.remove()
+    probs = logits.softmax(-1).detach()
+    batch, classes = probs.shape
+    factors = {}
+    for m in layers:
+        a = inputs[m].detach()
+        if m.bias is not None:
+            a = torch.cat([a, torch.ones(batch, 1, dtype=a.dtype)], 1)
+        factors[m] = {"A": a.T @ a / batch, "G": torch.zeros(m.out_features, m.out_features)}
+        factors[m]["G"] = factors[m]["G"].double()
+    for i in range(batch):
+        for c in range(classes):
+            nll = -logits[i].log_softmax(-1)[c]
+            grads = torch.autograd.grad(nll, [outputs[m] for m in layers], retain_graph=True)
+            for m, g in zip(layers, grads):
+                e = g[i]
+                factors[m]["G"] += probs[i, c] * torch.outer(e, e) / batch
+    return layers, factors
+
+
+def _gradient_matrix(m):
+    g = m.weight.grad.flatten(1)
+    return torch.cat([g, m.bias.grad[:, None]], 1) if m.bias is not None else g
+
+
+def _vec(matrix):
+    return matrix.T.reshape(-1)  # column-major
+
+
+def _unvec(vector, shape):
+    return vector.reshape(shape[1], shape[0]).T
+
+
+@pytest.mark.parametrize("mode", ["heuristic", "standard"])
+def test_instruments_match_dense_computation(mode):
+    lr, damping = 0.2, 0.5
+    model = _tiny_net()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=generator)
+    opt = KFAC(model, lr=lr, damping=damping, damping_mode=mode, fisher="full", ema_decay=0.0)
+    cosine, progress = KfacFoofCosine(), SecondFactorProgress()
+    loss_fn = nn.functional.cross_entropy
+    layers, factors = _dense_factors(model, x, lr, damping, mode)
+    theta = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    opt.zero_grad()
+    out = model(x)
+    loss = loss_fn(out, y)
+    opt.backward(loss, out)
+    context = StepContext(0, 1, model, opt, x, y, out, loss, loss_fn)
+    for inst in (cosine, progress):
+        inst.before_step(context)
+    opt.step()
+    for inst in (cosine, progress):
+        inst.after_step(context)
+
+    names = {m: n for n, m in model.named_modules()}
+    uv = uu = vv = 0.0
+    kfac_step, foof_step = dict(theta), dict(theta)
+    for m in layers:
+        A, G, grad = factors[m]["A"], factors[m]["G"], _gradient_matrix(m)
+        ia, ig = torch.eye(len(A), dtype=A.dtype), torch.eye(len(G), dtype=G.dtype)
+        pi = math.sqrt((A.trace() / len(A)) / (G.trace() / len(G)))
+        lam_a = pi * math.sqrt(damping)
+        if mode == "heuristic":
+            curvature = torch.kron(A + lam_a * ia, G + math.sqrt(damping) / pi * ig)
+        else:
+            curvature = torch.kron(A, G) + damping * torch.eye(len(A) * len(G)).double()
+        kfac_dir = _unvec(torch.linalg.solve(curvature, _vec(grad)), grad.shape)
+        foof_dir = _unvec(
+            torch.linalg.solve(torch.kron(A + lam_a * ia, ig), _vec(grad)), grad.shape
+        )
+        update = lr * kfac_dir
+        metric = torch.kron(A + lam_a * ia, ig)
+        uv += float(_vec(update) @ metric @ _vec(foof_dir))
+        uu += float(_vec(update) @ metric @ _vec(update))
+        vv += float(_vec(foof_dir) @ metric @ _vec(foof_dir))
+        scaled = foof_dir * update.norm() / foof_dir.norm()
+        prefix = names[m]
+        for key, step in ((kfac_step, update), (foof_step, scaled)):
+            key[f"{prefix}.weight"] = theta[f"{prefix}.weight"] - step[:, : m.in_features]
+            if m.bias is not None:
+                key[f"{prefix}.bias"] = theta[f"{prefix}.bias"] - step[:, -1]
+        # the update the optimizer applied is the dense KFAC update
+        torch.testing.assert_close(m.weight.detach(), kfac_step[f"{prefix}.weight"])
+
+    assert cosine.cosines[0] == pytest.approx(uv / math.sqrt(uu * vv), rel=1e-9)
+    loss0 = float(loss_fn(functional_call(model, theta, (x,)), y))
+    for params, measured in ((kfac_step, progress.kfac[0]), (foof_step, progress.foof[0])):
+        loss1 = float(loss_fn(functional_call(model, params, (x,)), y))
+        assert measured == pytest.approx((loss0 - loss1) / loss0, rel=1e-9, abs=1e-12)
+    # the instrument restored KFAC's parameters after trying FOOF's update
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.detach(), kfac_step[name])
+    summary = cosine.summary()
+    assert summary["step"] == [0] and summary["mean"] == pytest.approx(cosine.cosines[0])
+    assert set(progress.summary()) >= {"kfac_mean", "foof_mean", "foof_ge_kfac"}
+
+
+def test_instrument_rejects_other_optimizers():
+    model = _tiny_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.zeros(2, 4, dtype=torch.float64)
+    context = StepContext(0, 1, model, opt, x, None, None, None, None)
+    with pytest.raises(TypeError, match="KFAC"):
+        KfacFoofCosine().before_step(context)
+
+
+# -- the train hook -----------------------------------------------------------------------------
+
+
+def _tiny_config(data_dir, **overrides):
+    values = dict(
+        dataset="mnist",
+        model="logistic",
+        optimizer="sgd",
+        lr=0.01,
+        momentum=0.0,
+        epochs=1,
+        batch_size=50,
+        subset=100,
+        data_dir=str(data_dir),
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_callbacks_see_each_step_and_are_not_timed(data_dir):
+    class Slow(TrainCallback):
+        def __init__(self):
+            self.calls = []
+
+        def before_step(self, context):
+            self.calls.append(("before", context.step, context.inputs.shape[0]))
+            assert all(p.grad is not None for p in context.model.parameters())
+            time.sleep(0.5)
+
+        def after_step(self, context):
+            self.calls.append(("after", context.step, context.loss.item()))
+
+    slow = Slow()
+    results = train(_tiny_config(data_dir, epochs=2), progress=False, callbacks=[slow])
+    assert [c[:2] for c in slow.calls[:4]] == [
+        ("before", 0),
+        ("after", 0),
+        ("before", 1),
+        ("after", 1),
+    ]
+    assert len(slow.calls) == 2 * len(results["steps"]["loss"]) == 8
+    assert results["steps"]["time"][-1] < 1.0  # the 2 s of sleeping are not counted
+
+
+# -- runner -----------------------------------------------------------------------------------
+
+
+def _tiny_figure(seeds=2, lr_b=0.03):
+    base = dict(dataset="mnist", model="logistic", subset=100, batch_size=50, epochs=1)
+    return Figure(
+        id="T1",
+        title="tiny",
+        claim="b beats a",
+        mode="quick",
+        base=base,
+        runs=(
+            Run("a", "SGD a", {"optimizer": "sgd", "lr": 0.01}, tune=("lr",)),
+            Run("b", "SGD b", {"optimizer": "sgd", "lr": lr_b}, tune=("lr",)),
+            Run("c", "same as a", {"optimizer": "sgd", "lr": 0.01}, tune=("lr",)),
+        ),
+        checks=(Below("b", "a"),),
+        seeds=seeds,
+    )
+
+
+def _statuses(outcomes):
+    return {o.name.split("/", 1)[1]: o.status for o in outcomes}
+
+
+def test_reproduce_resumes_only_missing_runs(tmp_path, data_dir):
+    figure = _tiny_figure()
+    kwargs = dict(out=tmp_path, progress=False, data_dir=data_dir, entries={})
+    first = _statuses(reproduce([figure], **kwargs))
+    assert first == {
+        "a seed 0": "trained",
+        "a seed 1": "trained",
+        "b seed 0": "trained",
+        "b seed 1": "trained",
+        "c seed 0": "reused",  # same config as a: copied, not retrained
+        "c seed 1": "reused",
+    }
+    files = sorted((tmp_path / "T1").glob("*-seed*.json"))
+    assert len(files) == 6
+    mtimes = {p.name: p.stat().st_mtime_ns for p in files}
+    results = read_json(tmp_path / "T1" / "b-seed1.json")
+    assert results["complete"] and results["config"]["lr"] == 0.03
+    assert results["experiment"]["label"] == "b" and results["experiment"]["seed"] == 1
+    assert read_json(tmp_path / "T1" / "c-seed0.json")["experiment"]["reused_from"] == (
+        "T1/a-seed0.json"
+    )
+    saved = read_json(tmp_path / "T1" / "figure.json")
+    assert saved["claim"] == "b beats a" and saved["checks"][0]["kind"] == "below"
+
+    (tmp_path / "T1" / "b-seed0.json").unlink()
+    second = _statuses(reproduce([figure], **kwargs))
+    assert [k for k, v in second.items() if v != "skipped"] == ["b seed 0"]
+    assert second["b seed 0"] == "trained"
+    for path in files:
+        if path.name != "b-seed0.json":
+            assert path.stat().st_mtime_ns == mtimes[path.name]
+
+    # a changed hyperparameter makes the old file stale: only that run trains again
+    entries = {"T1/b": {"quick": {"values": {"lr": 0.1}}}}
+    third = _statuses(reproduce([figure], **{**kwargs, "entries": entries}))
+    assert {k for k, v in third.items() if v == "trained"} == {"b seed 0", "b seed 1"}
+    assert read_json(tmp_path / "T1" / "b-seed0.json")["config"]["lr"] == 0.1
+    info = read_json(tmp_path / "T1" / "b-seed0.json")["experiment"]["hyperparameters"]
+    assert info["source"].startswith("tuned") and info["values"] == {"lr": 0.1}
+
+
+def test_a_failing_run_leaves_no_partial_file(tmp_path, data_dir, monkeypatch):
+    figure = _tiny_figure(seeds=1)
+    kwargs = dict(out=tmp_path, progress=False, data_dir=data_dir, entries={})
+    reproduce([figure], **kwargs)
+    before = (tmp_path / "T1" / "a-seed0.json").read_bytes()
+
+    def crash(config, *args, **kw):
+        raise RuntimeError("killed mid-run")
+
+    monkeypatch.setattr(runner_module, "train", crash)
+    (tmp_path / "T1" / "b-seed0.json").unlink()
+    outcomes = reproduce(
+        [figure], **{**kwargs, "entries": {"T1/a": {"quick": {"values": {"lr": 1}}}}}
+    )
+    status = _statuses(outcomes)
+    assert status["a seed 0"] == "failed" and status["b seed 0"] == "failed"
+    assert "killed mid-run" in next(o.message for o in outcomes if o.status == "failed")
+    assert not (tmp_path / "T1" / "b-seed0.json").exists()
+    assert (tmp_path / "T1" / "a-seed0.json").read_bytes() == before  # old file untouched
+    assert not list((tmp_path / "T1").glob(".*tmp"))  # no temporary files left behind
+
+
+def test_toy_figure_and_report_sections(tmp_path, data_dir):
+    reproduce(["F", _tiny_figure(seeds=1)], out=tmp_path, progress=False, data_dir=data_dir)
+    assert read_json(tmp_path / "F" / "toy-seed0.json")["values"]["sgd_direction_0"] == 2.0
+    path = write_report([tmp_path])
+    text = path.read_text()
+    for name in FIGURES:
+        assert f"\n## {name} " in text, name
+    assert "**Verdict: yes**" in text  # the toy example
+    assert "**Verdict: not run**" in text  # figures without results still get a section
+    assert (tmp_path / "F.png").stat().st_size > 1000
+    summary = read_json(tmp_path / "summary.json")
+    assert summary["figures"]["F"]["verdict"] == "yes"
+    assert summary["figures"]["1A"]["verdict"] == "missing"
+    assert "foof reproduce F --mode quick" in text
+
+
+# -- tuning -----------------------------------------------------------------------------------
+
+
+def test_grid_helpers():
+    assert [tune_module.lr_value(i) for i in range(-2, 3)] == [0.1, 0.3, 1.0, 3.0, 10.0]
+    assert tune_module.lr_index(0.3) == -1 and tune_module.lr_index(0.01) == -4
+    assert tune_module.lr_index(0.02) == -3  # nearest in log scale is 0.03
+    assert tune_module.damping_value(-2) == 1e-4 and tune_module.damping_index(1e-4) == -2
+    assert tune_module.damping_index(1.0) == 0 and tune_module.damping_index(10.0) == 1
+    axes = {"lr": [-1, 0, 1], "damping": [-1, 0, 1]}
+    extensions = {(n, side): 0 for n in ("lr", "damping") for side in (-1, 1)}
+    assert tune_module._extend(axes, (1, 0), {(1, 0): 0.1}, extensions, max_extensions=3)
+    assert axes == {"lr": [-1, 0, 1, 2], "damping": [-1, 0, 1]}
+    assert not tune_module._extend(axes, (0, 0), {(0, 0): 0.1}, extensions, max_extensions=3)
+    extensions[("lr", 1)] = 3  # at most max_extensions per side
+    assert not tune_module._extend(axes, (2, 0), {(2, 0): 0.1}, extensions, max_extensions=3)
+    diverged = {(p, 0): math.inf for p in axes["lr"]}
+    assert tune_module._extend(axes, (2, 0), diverged, extensions, max_extensions=3)
+    assert axes["lr"][0] == -2  # nothing trained: try smaller learning rates
+
+
+def test_tune_searches_saves_and_feeds_reproduce(tmp_path, data_dir, monkeypatch):
+    figure = _tiny_figure(seeds=1)
+    monkeypatch.setattr(tune_module, "build", lambda name, mode: figure)
+    target = tmp_path / "hyperparameters.json"
+    entry = tune_module.tune(
+        "T1",
+        "b",
+        "quick",
+        out=tmp_path / "grid",
+        hyperparameters_path=target,
+        data_dir=data_dir,
+        progress=False,
+        max_extensions=1,
+        log=open(tmp_path / "log.txt", "w"),  # noqa: SIM115
+    )
+    grid_lrs = sorted(point["lr"] for point in entry["grid"])
+    assert {0.003, 0.01, 0.03, 0.1, 0.3} <= set(grid_lrs)  # five values around lr=0.03
+    assert entry["values"]["lr"] in grid_lrs
+    best = min(entry["grid"], key=lambda p: p["loss"] if p["loss"] is not None else math.inf)
+    assert best["lr"] == entry["values"]["lr"]
+    assert entry["command"] == "foof tune T1 --method b --mode quick"
+    entries = hp.load(target)
+    assert entries["T1/b"]["quick"]["values"] == entry["values"]
+    planned = plan(figure, tmp_path, entries=entries)
+    assert [p.config.lr for p in planned if p.run.label == "b"] == [entry["values"]["lr"]]
+    # resumable: a second search trains nothing new
+    monkeypatch.setattr(runner_module, "train", lambda *a, **k: pytest.fail("retrained"))
+    again = tune_module.tune(
+        "T1",
+        "b",
+        "quick",
+        out=tmp_path / "grid",
+        hyperparameters_path=target,
+        data_dir=data_dir,
+        progress=False,
+        max_extensions=1,
+        save=False,
+        log=open(tmp_path / "log2.txt", "w"),  # noqa: SIM115
+    )
+    assert again["values"] == entry["values"]
+
+
+def test_tune_refuses_shared_entries():
+    with pytest.raises(ValueError, match="foof tune 1A --method fashion-mnist-natural"):
+        tune_module.tune("1B", "natural", "quick", save=False, progress=False)
+
+
+# -- CLI --------------------------------------------------------------------------------------
+
+
+def test_cli_bad_arguments_exit_2(capsys):
+    for argv in (
+        ["reproduce", "7Z"],
+        ["reproduce", "1A", "--mode", "huge"],
+        ["reproduce", "1A", "--seeds", "0"],
+        ["tune", "1A"],
+        ["tune", "1A", "--method", "kfac", "--budget-epochs", "x"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2, argv
+    assert "unknown figure '7Z'" in capsys.readouterr().err
+
+
+def test_cli_errors_and_report(tmp_path, data_dir, capsys):
+    assert main(["tune", "1A", "--method", "nope", "--out", str(tmp_path)]) == 2
+    assert "has no run 'nope'" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert main(["reproduce", "toy", "--out", str(tmp_path), "--no-progress", "--report"]) == 0
+    out = capsys.readouterr().out
+    assert "1 trained" in out and "REPORT.md" in out
+    assert main(["report", str(tmp_path), "--no-plots"]) == 0
+    assert "F: yes (quick, 1/1 seeds)" in capsys.readouterr().out
