@@ -33,9 +33,11 @@ run: install
 		--out runs/foof-mlp-fashion-mnist-seed0.json
 
 ## make reproduce-quick: every figure in quick mode (a CI-sized smoke run), then the report.
+# One thread: the quick runs are small, and on a shared 2-core machine two OpenMP threads per
+# process make them many times slower (threads spin while waiting for the other core).
 REPRODUCE_OUT ?= runs/reproduction/quick
 reproduce-quick: install
-	$(BIN)/foof reproduce all --mode quick --out $(REPRODUCE_OUT) --no-progress
+	OMP_NUM_THREADS=1 $(BIN)/foof reproduce all --mode quick --out $(REPRODUCE_OUT) --no-progress
 	$(BIN)/foof report $(REPRODUCE_OUT)
 
 clean:

@@ -469,6 +469,34 @@ def test_grid_helpers():
     assert axes["lr"][0] == -2  # nothing trained: try smaller learning rates
 
 
+def test_row_search_follows_the_ridge_across_dampings():
+    # a synthetic objective whose best learning-rate index is 4 × damping index (lr ∝ damping,
+    # as for natural gradients): far from the starting window at the grid's ends
+    results = {}
+
+    def evaluate(points):
+        for lr, damping in points:
+            results[(lr, damping)] = float((lr - 4 * damping) ** 2)
+
+    axes = {"lr": [-2, -1, 0, 1, 2], "damping": [-3, -2, -1, 0, 1, 2, 3]}
+    tune_module._search_rows(axes, results, evaluate, max_extensions=3, start_damping=0)
+    for damping in axes["damping"]:
+        row = {lr: v for (lr, d), v in results.items() if d == damping}
+        assert min(row, key=row.get) == 4 * damping, (damping, sorted(row))
+    assert len(results) < 7 * 12  # lines of at most 5 + 2 · 3 points
+
+
+def test_tune_cli_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["tune", "1D", "--method", "kfac", "--dampings", "1,-2"])
+    assert "expected positive numbers" in capsys.readouterr().err
+    command = tune_module.tune_command("1D", "kfac", "standard", 15, 1, "rows", [1.0, 100.0], 2)
+    assert command == (
+        "foof tune 1D --method kfac --mode standard --budget-epochs 15 --dampings 1,100 "
+        "--max-extensions 2"
+    )
+
+
 def test_tune_searches_saves_and_feeds_reproduce(tmp_path, data_dir, monkeypatch):
     figure = _tiny_figure(seeds=1)
     monkeypatch.setattr(tune_module, "build", lambda name, mode: figure)
@@ -489,7 +517,7 @@ def test_tune_searches_saves_and_feeds_reproduce(tmp_path, data_dir, monkeypatch
     assert entry["values"]["lr"] in grid_lrs
     best = min(entry["grid"], key=lambda p: p["loss"] if p["loss"] is not None else math.inf)
     assert best["lr"] == entry["values"]["lr"]
-    assert entry["command"] == "foof tune T1 --method b --mode quick"
+    assert entry["command"] == "foof tune T1 --method b --mode quick --max-extensions 1"
     entries = hp.load(target)
     assert entries["T1/b"]["quick"]["values"] == entry["values"]
     planned = plan(figure, tmp_path, entries=entries)

@@ -65,6 +65,20 @@ def add_commands(commands: Any) -> None:
     )
     tune.add_argument("--seeds", type=_positive, default=1, help="seeds per grid point")
     tune.add_argument("--max-extensions", type=_natural, default=3, help="per side of an axis")
+    tune.add_argument(
+        "--search",
+        choices=("rows", "window"),
+        default="rows",
+        help="rows: a learning-rate line search per damping/momentum value (default); window: "
+        "one product grid around the current values",
+    )
+    tune.add_argument(
+        "--dampings",
+        type=_floats,
+        default=None,
+        metavar="D1,D2,...",
+        help="damping values to search (default: the paper's 1e-6,1e-4,...,1e6)",
+    )
     tune.add_argument("--out", type=Path, default=None, help="grid runs (default: runs/tuning)")
     tune.add_argument(
         "--hyperparameters",
@@ -102,6 +116,18 @@ def _figure(text: str) -> str:
 
 def _figure_or_all(text: str) -> str:
     return "all" if text.lower() == "all" else _figure(text)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas, got {text!r}"
+        ) from None
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
 
 
 def _positive(text: str) -> int:
@@ -171,6 +197,8 @@ def _tune(args: argparse.Namespace) -> int:
                 seeds=args.seeds,
                 out=args.out,
                 max_extensions=args.max_extensions,
+                search=args.search,
+                dampings=args.dampings,
                 hyperparameters_path=args.hyperparameters,
                 data_dir=args.data_dir,
                 progress=not args.no_progress,

@@ -336,6 +336,8 @@ def _hyperparameter_text(figure: FigureResults, label: str, results: list[dict])
         text += f" ({source}"
         if info.get("note") and "short" in info["note"]:
             text += f"; {info['note']}"
+        if info.get("search") == "window":
+            text += "; local window search"
         text += ")"
     else:
         text += " (untuned)"

@@ -155,6 +155,7 @@ def plan(
                 source=f"tuned ({entry_mode} mode)",
                 command=entry.get("command"),
                 note=entry.get("note"),
+                search=entry.get("search", "window"),
             )
         else:
             info["source"] = "figure spec (paper's Table D.4 or a default; not tuned)"

@@ -1,13 +1,17 @@
 """``foof tune``: the paper's grid search (App. D.2) for one run of a figure.
 
-* learning rates ``1·10^i`` and ``3·10^i``: five values around the current one;
-* damping ``10^{2k}`` (the paper's ``10^{-6}, 10^{-4}, …, 10^6``): three values around the
-  current one, for the runs that tune it;
-* momentum ``{0, 0.9}`` for SGD;
-* the product of these axes is trained (optionally for a shortened budget of epochs), and while
-  the best point sits on the edge of the learning-rate or damping axis, that axis is extended by
-  one value in that direction (at most ``max_extensions`` times per side);
-* the best mean final training loss over the seeds wins (a diverged run counts as ``inf``).
+* damping ``10^{2k}``: the paper's ``10^{-6}, 10^{-4}, …, 10^6`` (or a given subset), for the
+  runs that tune it; momentum ``{0, 0.9}`` for SGD;
+* for every damping (and momentum) value, a learning-rate line search over ``1·10^i`` and
+  ``3·10^i``: five values (centred on the best of the neighbouring damping's line), extended by
+  one value while that line's best sits on an edge (at most ``max_extensions`` times per side),
+  so that each damping gets its own learning rate (as the paper does for Fig. 3C); the damping
+  axis itself is extended the same way when the overall best sits on its edge;
+* every point trains for the figure's epochs or a shortened budget; the best mean final
+  training loss over the seeds wins (a diverged run counts as ``inf``).
+
+``search="window"`` is the earlier, more local variant: one product grid of five learning rates
+by three dampings around the current values, extended at its edges.
 
 The winner, the whole grid and the command that regenerates it are saved in
 ``hyperparameters.json`` (:mod:`foof.experiments.hyperparameters`), which ``foof reproduce``
@@ -23,7 +27,7 @@ import math
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,12 @@ DEFAULT_ROOT = Path("runs") / "tuning"
 
 MOMENTA = (0.0, 0.9)
 """SGD's momentum grid (App. D.2)."""
+
+PAPER_DAMPINGS = tuple(range(-3, 4))
+"""Indices of the paper's damping grid ``10^{-6}, 10^{-4}, …, 10^6`` (see :func:`damping_value`)."""
+
+SEARCHES = ("rows", "window")
+"""Search strategies of :func:`tune`."""
 
 
 def lr_value(index: int) -> float:
@@ -87,6 +97,8 @@ def tune(
     seeds: int = 1,
     out: str | os.PathLike[str] | None = None,
     max_extensions: int = 3,
+    search: str = "rows",
+    dampings: Sequence[float] | None = None,
     hyperparameters_path: str | os.PathLike[str] | None = None,
     data_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
@@ -103,7 +115,12 @@ def tune(
             entry records it as a short tuning run).
         seeds: seeds per grid point (``0 .. seeds-1``).
         out: directory of the grid runs; ``None`` for ``runs/tuning``.
-        max_extensions: how often each side of an axis may be extended.
+        max_extensions: how often each side of an axis (of each row's lr line) may be extended.
+        search: ``"rows"`` (default): for every damping (and momentum) value, its own learning
+            rate line search, as the paper does for Fig. 3C; ``"window"``: one product grid
+            around the current values (an earlier, more local search).
+        dampings: the damping values to search (default: the paper's ``10^{-6}, …, 10^6`` for
+            ``"rows"``; three around the current value for ``"window"``).
         hyperparameters_path: the file to update; ``None`` for the package's.
         data_dir: directory searched first for the data.
         progress: show a progress bar.
@@ -137,60 +154,79 @@ def tune(
         raise ValueError(f"budget_epochs must be >= 1, got {budget_epochs!r}")
     epochs = budget_epochs if budget_epochs is not None else start.epochs
 
-    axes: dict[str, list[int] | list[float]] = {}
-    if "lr" in run.tune:
-        center = lr_index(start.lr)
-        axes["lr"] = list(range(center - 2, center + 3))
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
+    axes: dict[str, list] = {}
+    if "lr" not in run.tune:
+        raise ValueError(f"run {method!r} of figure {figure.id} does not tune its learning rate")
+    center = lr_index(start.lr)
+    axes["lr"] = list(range(center - 2, center + 3))
     if "damping" in run.tune and start.damping is not None:
-        center = damping_index(start.damping)
-        axes["damping"] = list(range(center - 1, center + 2))
+        if dampings:
+            axes["damping"] = sorted({damping_index(d) for d in dampings})
+        elif search == "rows":
+            axes["damping"] = list(PAPER_DAMPINGS)
+        else:
+            center = damping_index(start.damping)
+            axes["damping"] = list(range(center - 1, center + 2))
     if "momentum" in run.tune:
         axes["momentum"] = list(MOMENTA)
     directory = Path(out or DEFAULT_ROOT) / mode / figure.id / run.label
     cache = DataCache(data_dir)
     results: dict[tuple, float] = {}
-    extensions = {(name, side): 0 for name in ("lr", "damping") for side in (-1, 1)}
     bar = tqdm(disable=not progress, desc=f"tune {figure.id}/{run.label}", unit="run")
+
+    def evaluate(points: list[tuple]) -> None:
+        points = [p for p in points if p not in results]
+        bar.total = (bar.total or 0) + len(points) * seeds
+        bar.refresh()
+        for point in points:
+            values = _values(names, point)
+            losses = []
+            for seed in range(seeds):
+                planned = _planned(figure, run, values, seed, epochs, directory)
+                if not is_done(planned.path, planned.record):
+                    execute(planned, cache, progress=False)
+                losses.append(metric_value(read_json(planned.path), "final_train_loss"))
+                bar.update()
+            results[point] = math.fsum(losses) / len(losses)
+            text = ", ".join(f"{k}={v:g}" for k, v in values.items())
+            bar.write(
+                f"foof: tune {figure.id}/{run.label}: {text}: final train loss "
+                f"{format_number(results[point])}",
+                file=log,
+            )
+
+    names = list(axes)
     try:
-        while True:
-            points = [p for p in itertools.product(*axes.values()) if p not in results]
-            bar.total = (bar.total or 0) + len(points) * seeds
-            bar.refresh()
-            for point in points:
-                values = _values(axes, point)
-                losses = []
-                for seed in range(seeds):
-                    planned = _planned(figure, run, values, seed, epochs, directory)
-                    if not is_done(planned.path, planned.record):
-                        execute(planned, cache, progress=False)
-                    losses.append(metric_value(read_json(planned.path), "final_train_loss"))
-                    bar.update()
-                results[point] = math.fsum(losses) / len(losses)
-                text = ", ".join(f"{k}={v:g}" for k, v in values.items())
-                bar.write(
-                    f"foof: tune {figure.id}/{run.label}: {text}: final train loss "
-                    f"{format_number(results[point])}",
-                    file=log,
-                )
-            best = min(results, key=lambda p: (results[p], p))
-            if not _extend(axes, best, results, extensions, max_extensions):
-                break
+        if search == "window":
+            extensions = {(name, side): 0 for name in ("lr", "damping") for side in (-1, 1)}
+            while True:
+                evaluate(list(itertools.product(*axes.values())))
+                best = min(results, key=lambda p: (results[p], p))
+                if not _extend(axes, best, results, extensions, max_extensions):
+                    break
+        else:
+            start_damping = damping_index(start.damping) if "damping" in axes else None
+            _search_rows(axes, results, evaluate, max_extensions, start_damping)
     finally:
         bar.close()
     best = min(results, key=lambda p: (results[p], p))
-    names = list(axes)
     entry = {
-        "values": _values(axes, best),
+        "values": _values(names, best),
         "objective": None if math.isinf(results[best]) else results[best],
         "budget_epochs": epochs,
         "epochs": start.epochs,
         "seeds": seeds,
+        "search": search,
         "grid": [
-            {**_values(axes, p), "loss": None if math.isinf(v) else v}
+            {**_values(names, p), "loss": None if math.isinf(v) else v}
             for p, v in sorted(results.items())
         ],
         "axes": names,
-        "command": tune_command(figure.id, run.label, mode, budget_epochs, seeds),
+        "command": tune_command(
+            figure.id, run.label, mode, budget_epochs, seeds, search, dampings, max_extensions
+        ),
         "note": (
             f"short tuning run: {epochs} of {start.epochs} epochs"
             if epochs < start.epochs
@@ -203,19 +239,115 @@ def tune(
     return entry
 
 
-def tune_command(figure: str, label: str, mode: str, budget_epochs: int | None, seeds: int) -> str:
+def tune_command(
+    figure: str,
+    label: str,
+    mode: str,
+    budget_epochs: int | None,
+    seeds: int,
+    search: str = "rows",
+    dampings: Sequence[float] | None = None,
+    max_extensions: int = 3,
+) -> str:
     """The ``foof tune`` command line that regenerates an entry."""
     parts = ["foof", "tune", figure, "--method", label, "--mode", mode]
     if budget_epochs is not None:
         parts += ["--budget-epochs", str(budget_epochs)]
     if seeds != 1:
         parts += ["--seeds", str(seeds)]
+    if search != "rows":
+        parts += ["--search", search]
+    if dampings:
+        parts += ["--dampings", ",".join(f"{d:g}" for d in dampings)]
+    if max_extensions != 3:
+        parts += ["--max-extensions", str(max_extensions)]
     return shlex.join(parts)
 
 
-def _values(axes: dict[str, Sequence], point: tuple) -> dict[str, float]:
+def _search_rows(
+    axes: dict[str, list],
+    results: dict[tuple, float],
+    evaluate: Callable[[list[tuple]], None],
+    max_extensions: int,
+    start_damping: int | None = None,
+) -> None:
+    """A learning-rate line search per row (damping × momentum value), extending edges.
+
+    Rows are searched outward from the starting damping; each row's five learning rates are
+    centred on the best learning rate of the row next to it (inner neighbour), so that a ridge
+    ``lr ∝ damping`` (natural gradients) or ``lr ∝ √damping`` (KFAC) is followed across the whole
+    damping grid without unbounded extensions.
+    """
+    row_names = [name for name in axes if name != "lr"]
+    window = len(axes["lr"]) // 2
+    center = axes["lr"][window]
+
+    def line_search(row: tuple, middle: int) -> int:
+        values = list(range(middle - window, middle + window + 1))
+        extensions = {-1: 0, 1: 0}
+        while True:
+            evaluate([(lr, *row) for lr in values])
+            losses = {lr: results[(lr, *row)] for lr in values}
+            best = min(values, key=lambda lr: (losses[lr], lr))
+            if all(math.isinf(v) for v in losses.values()):
+                side = -1  # nothing trains: only smaller learning rates can help
+            elif best == values[0]:
+                side = -1
+            elif best == values[-1]:
+                side = 1
+            else:
+                return best
+            if extensions[side] >= max_extensions:
+                return best
+            extensions[side] += 1
+            if side < 0:
+                values.insert(0, values[0] - 1)
+            else:
+                values.append(values[-1] + 1)
+
+    if "damping" not in axes:
+        for row in itertools.product(*(axes[name] for name in row_names)):
+            line_search(row, center)
+        return
+    position = row_names.index("damping")
+    others = [axes[name] for name in row_names if name != "damping"]
+    dampings = axes["damping"]
+    target = start_damping if start_damping is not None else 0
+    first = dampings.index(min(dampings, key=lambda d: abs(d - target)))
+    best_lr: dict[tuple, int] = {}
+
+    def search(damping: int, neighbour: int | None) -> None:
+        for rest in itertools.product(*others):
+            row = (*rest[:position], damping, *rest[position:])
+            middle = center
+            if neighbour is not None:
+                middle = best_lr[(*rest[:position], neighbour, *rest[position:])]
+            best_lr[row] = line_search(row, middle)
+
+    search(dampings[first], None)
+    for k in range(first - 1, -1, -1):
+        search(dampings[k], dampings[k + 1])
+    for k in range(first + 1, len(dampings)):
+        search(dampings[k], dampings[k - 1])
+    extensions = {-1: 0, 1: 0}
+    while True:
+        best = min(results, key=lambda p: (results[p], p))
+        low, high = dampings[0], dampings[-1]
+        side = -1 if best[1 + position] == low else 1 if best[1 + position] == high else 0
+        if side == 0 or extensions[side] >= max_extensions:
+            return
+        extensions[side] += 1
+        if side < 0:
+            dampings.insert(0, low - 1)
+            search(low - 1, low)
+        else:
+            dampings.append(high + 1)
+            search(high + 1, high)
+
+
+def _values(names: Sequence[str], point: tuple) -> dict[str, float]:
     values = {}
-    for name, value in zip(axes, point):
+    for name, value in zip(names, point):
         if name == "lr":
             values[name] = lr_value(value)
         elif name == "damping":
