@@ -95,3 +95,16 @@ def test_raise_policy(name):
 def test_invalid_policy():
     with pytest.raises(ValueError, match="nonfinite"):
         FOOF(nn.Linear(2, 2), lr=0.1, damping=1.0, nonfinite="ignore")
+
+
+def test_huge_but_finite_gradient_is_not_mistaken_for_a_fault():
+    # the fast check sums each tensor; a float32 sum of 3e38 + 3e38 overflows although every
+    # entry is finite, and the exact elementwise check must then let the step through
+    model = nn.Sequential(nn.Linear(2, 2, bias=False))
+    opt = FOOF(model, lr=0.0, damping=1.0)
+    opt.zero_grad()
+    model(torch.ones(1, 2)).sum().backward()
+    model[0].weight.grad.fill_(3e38)
+    assert opt.find_nonfinite() is None
+    model[0].weight.grad[0, 0] = float("inf")
+    assert opt.find_nonfinite() == "the weight gradient of layer '0'"

@@ -68,6 +68,20 @@ def test_discarded_optimizers_leave_no_hooks():
     assert all(len(m._forward_hooks) == 0 for m in model.modules())
 
 
+@pytest.mark.parametrize("make", [FOOF, KFAC, NaturalGradient], ids=["foof", "kfac", "natural"])
+def test_optimizers_dropped_after_stepping_leave_no_hooks(make):
+    # Regression: each new optimizer's forward pass also ran the hooks of the previous, not yet
+    # collected one; KFAC kept those outputs, whose tensor hooks referenced its capture, a
+    # cycle the garbage collector cannot see through, so hooks piled up (3 per optimizer).
+    model = net()
+    for _ in range(5):
+        opt = make(model, lr=0.1, damping=1.0)
+        train_step(model, opt, *data())
+        del opt
+    gc.collect()
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())
+
+
 @pytest.mark.parametrize(
     "make",
     [

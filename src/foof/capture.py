@@ -168,10 +168,17 @@ class Capture:
         if self._record_outputs():
             record.outputs.append(output)
         if self._record_output_grads():
+            # Weak references only: the hook lives in the output tensor's autograd metadata,
+            # which Python's garbage collector cannot see into. A strong reference would make
+            # the cycle capture -> record -> output -> hook -> capture uncollectable whenever the
+            # capture also keeps the output (KFAC's sampled-label backward does), so a dropped
+            # optimizer would keep its hooks on the model forever.
+            capture_ref, record_ref = weakref.ref(self), weakref.ref(record)
 
             def grad_hook(grad: Tensor) -> None:
-                if not self._grads_paused:
-                    record.output_grads.append(grad.detach())
+                capture, kept = capture_ref(), record_ref()
+                if capture is not None and kept is not None and not capture._grads_paused:
+                    kept.output_grads.append(grad.detach())
 
             output.register_hook(grad_hook)
 

@@ -247,9 +247,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 named.append((f"the Fisher output gradients of layer {names.get(module)!r}", grads))
         fault = None
         if named:
-            finite = torch.stack([torch.isfinite(t).all() for _, t in named])
-            if not bool(finite.all()):  # one synchronisation for the common, healthy case
-                fault = named[int((~finite).nonzero()[0])][0]
+            # A sum is non-finite whenever one of its terms is, and costs one read of the
+            # tensor (isfinite + all also writes a mask): the cheap test for the healthy case,
+            # with one synchronisation. A finite tensor whose sum overflows only sends us to the
+            # exact elementwise test, which then clears it.
+            sums = torch.stack([t.sum(dtype=torch.float32) for _, t in named])
+            if not bool(sums.isfinite().all()):
+                finite = torch.stack([torch.isfinite(t).all() for _, t in named])
+                if not bool(finite.all()):
+                    fault = named[int((~finite).nonzero()[0])][0]
         # Under torch.distributed every rank must skip the same steps, or a rank that skips
         # alone would leave the others waiting in the next statistics reduction.
         like = self.param_groups[0]["params"][0]
