@@ -25,7 +25,7 @@ def models():
 
 
 def test_registry_names_and_tasks():
-    assert set(MODELS) == {"mlp", "logistic", "autoencoder", "cnn"}
+    assert set(MODELS) == {"mlp", "logistic", "autoencoder", "cnn", "wrn18", "vgg11"}
     assert set(TASKS) == set(MODELS)
     assert TASKS["autoencoder"] == "reconstruction"
     with pytest.raises(ValueError, match="mlp, logistic"):
@@ -78,6 +78,8 @@ def test_autoencoder_layout_follows_app_d7():
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_parametrised_layer_is_supported_by_curvature_optimizers(models, name):
     for module in models[name].modules():
+        if isinstance(module, nn.BatchNorm2d):
+            continue  # the WRN's BatchNorm: trained by SGD, frozen for FOOF/KFAC (App. D.6)
         if any(True for _ in module.parameters(recurse=False)):
             assert is_supported(module), f"{name}: {type(module).__name__} is not supported"
             assert not isinstance(module, nn.Conv2d) or module.groups == 1

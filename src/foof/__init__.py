@@ -5,7 +5,7 @@ Approximate Second-Order Optimization* (ICML 2022).
 """
 
 from foof.capture import Capture, is_supported
-from foof.fisher import LaplacePosterior, SubsampledFisher
+from foof.fisher import KroneckerLaplace, LaplacePosterior, SubsampledFisher
 from foof.optim import (
     FOOF,
     KFAC,
@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FOOF",
     "KFAC",
+    "KroneckerLaplace",
     "LaplacePosterior",
     "NaturalGradient",
     "SubsampledFisher",

@@ -20,8 +20,10 @@ from typing import Any
 
 from foof import distributed
 from foof.benchmarks import add_commands as add_bench_commands
+from foof.checkpoint import CheckpointError, TrainingInterrupted
 from foof.curvature.sampling import FISHER_TYPES, LIKELIHOODS
 from foof.data import (
+    ALL_DATASETS,
     DATASETS,
     DOWNLOAD_FILES,
     DataError,
@@ -57,9 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (DataError, ConfigError) as error:
+    except (DataError, ConfigError, CheckpointError) as error:
         print(f"foof: error: {error}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stopped:
+        print(f"foof: {stopped}; rerun the same command to resume", file=sys.stderr)
+        return stopped.exit_status
     except KeyboardInterrupt:
         print("foof: interrupted", file=sys.stderr)
         return 130
@@ -107,7 +112,7 @@ def _add_train(commands: Any) -> None:
     )
     arg = train_parser.add_argument
     arg("--optimizer", choices=OPTIMIZERS, default="sgd", help="default: sgd")
-    arg("--dataset", choices=DATASETS, default="fashion-mnist", help="default: fashion-mnist")
+    arg("--dataset", choices=ALL_DATASETS, default="fashion-mnist", help="default: fashion-mnist")
     arg("--model", choices=tuple(MODELS), default="mlp", help="default: mlp")
     arg("--epochs", type=_natural, default=10, help="default: 10")
     arg("--batch-size", type=_natural, default=100, help="default: 100; 0 for full batch")
@@ -174,6 +179,13 @@ def _add_train(commands: Any) -> None:
         default=None,
         help="results file; default: runs/<optimizer>-<model>-<dataset>-seed<S>.json",
     )
+    arg(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="checkpoint file, written every epoch and on SIGINT/SIGTERM; rerunning the same "
+        "command resumes from it; default: the results file with .ckpt.pt",
+    )
     arg("--no-progress", action="store_true", help="no progress bar")
     train_parser.set_defaults(handler=_train)
 
@@ -233,7 +245,16 @@ def _train(args: argparse.Namespace) -> int:
     config.resolved().validate()
     out = args.out if args.out is not None else results_path(config)
     _check_writable(out)
-    results = train(config, out_path=out, progress=not args.no_progress, download=True)
+    checkpoint = args.checkpoint or out.with_name(out.stem + ".ckpt.pt")
+    if checkpoint.exists():
+        print(f"foof: resuming from {checkpoint}", file=sys.stderr)
+    results = train(
+        config,
+        out_path=out,
+        progress=not args.no_progress,
+        download=True,
+        checkpoint=checkpoint,
+    )
     if distributed.rank() == 0:  # under torchrun every rank runs this; one summary
         print(_summary(results, out))
     return 0

@@ -42,6 +42,12 @@ import torch
 from foof.io import atomic_open
 
 DATASETS = ("fashion-mnist", "mnist")
+"""The MNIST-family datasets this module reads (and ``foof data`` manages)."""
+
+VISION_DATASETS = ("cifar10", "cifar100", "svhn", "fake-cifar10")
+"""The conv experiments' datasets, read by :mod:`foof.image_data` (torchvision, optional)."""
+
+ALL_DATASETS = DATASETS + VISION_DATASETS
 """Names accepted by :func:`load_dataset`."""
 
 MNIST_MEAN = 0.1307
@@ -116,14 +122,15 @@ class Dataset:
     """An image classification dataset held in memory.
 
     Attributes:
-        name: ``"fashion-mnist"`` or ``"mnist"``.
-        x_train: float32 images, shape ``(N_train, 1, 28, 28)``.
-        y_train: int64 labels in ``[0, 10)``, shape ``(N_train,)``.
-        x_test: float32 images, shape ``(N_test, 1, 28, 28)``.
+        name: a name of :data:`ALL_DATASETS`.
+        x_train: float32 images, shape ``(N_train, 1, 28, 28)`` (``(N_train, 3, 32, 32)`` for
+            the vision datasets).
+        y_train: int64 labels in ``[0, num_classes)``, shape ``(N_train,)``.
+        x_test: float32 images, shape ``(N_test, 1, 28, 28)`` (or ``(N_test, 3, 32, 32)``).
         y_test: int64 labels, shape ``(N_test,)``.
         source: the file or directory the data came from.
         caveats: deviations from the paper's data, to state next to any result ("" if none).
-        num_classes: number of classes (10).
+        num_classes: number of classes (10; 100 for CIFAR-100).
     """
 
     name: str
@@ -230,6 +237,9 @@ def load_dataset(
 ) -> Dataset:
     r"""Load MNIST or Fashion-MNIST as float32 tensors, preprocessed as in the paper.
 
+    The names in :data:`VISION_DATASETS` (CIFAR-10/100, SVHN, ``fake-cifar10``) are passed on,
+    with the same arguments, to :func:`foof.image_data.load_vision_dataset`.
+
     Pixels are scaled to ``[0, 1]`` and then, if ``normalize``, mapped to
     ``(x - 0.1307) / 0.3081`` with MNIST's statistics **for both datasets**: the paper did so
     for Fashion-MNIST "due to an oversight" (App. D.5) and foof keeps it for faithfulness, so
@@ -237,7 +247,7 @@ def load_dataset(
     ``caveats`` of the result say so.
 
     Args:
-        name: ``"fashion-mnist"`` or ``"mnist"``.
+        name: ``"fashion-mnist"`` or ``"mnist"`` (or one of :data:`VISION_DATASETS`).
         data_dir: directory to search first; defaults to ``$FOOF_DATA``. The user cache is
             searched after it (see the module docstring).
         subset: if given, keep only this many training images, drawn without replacement by a
@@ -261,6 +271,10 @@ def load_dataset(
         >>> data.x_train.shape, data.x_test.shape  # doctest: +SKIP
         (torch.Size([1000, 1, 28, 28]), torch.Size([10000, 1, 28, 28]))
     """
+    if name in VISION_DATASETS:
+        from foof.image_data import load_vision_dataset
+
+        return load_vision_dataset(name, data_dir, subset, seed, normalize, download)
     _check_name(name)
     if subset is not None and (isinstance(subset, bool) or int(subset) != subset or subset < 1):
         raise ValueError(f"subset must be a positive integer or None, got {subset!r}")
@@ -442,8 +456,10 @@ def content_digest(arrays: Mapping[str, np.ndarray]) -> str:
 
 
 def _check_name(name: str) -> None:
+    if name in VISION_DATASETS:
+        raise ValueError(f"{name!r} is read by load_dataset (foof.image_data), not from npz/IDX")
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(ALL_DATASETS)}")
 
 
 def _fix_hint(path: Path) -> str:

@@ -1,12 +1,13 @@
 """The networks of the paper's MNIST / Fashion-MNIST experiments, and a small CNN.
 
 Every model is an ``nn.Sequential`` whose only parametrised layers are ``nn.Linear`` and
-ungrouped ``nn.Conv2d``, the layer types foof's curvature optimizers precondition. Weights use
-Kaiming-He initialisation (normal, fan-in, ReLU gain: ``std = sqrt(2 / fan_in)``) as the paper
-states for all its models (App. D); biases start at zero.
+ungrouped ``nn.Conv2d``, the layer types foof's curvature optimizers precondition (plus, in
+the Wide ResNet of :mod:`foof.conv_models`, BatchNorm, which FOOF and KFAC leave untrained).
+Weights use Kaiming-He initialisation (normal, fan-in, ReLU gain: ``std = sqrt(2 / fan_in)``)
+as the paper states for all its models (App. D); biases start at zero.
 
-All models take images of shape ``(N, 1, 28, 28)`` (or already flat ``(N, 784)`` for the fully
-connected ones).
+All models defined here take images of shape ``(N, 1, 28, 28)`` (or already flat ``(N, 784)``
+for the fully connected ones); ``wrn18`` and ``vgg11`` take ``(N, 3, 32, 32)``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
+
+from foof.conv_models import vgg11, wide_resnet18
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
@@ -176,14 +179,19 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "logistic": logistic_regression,
     "autoencoder": autoencoder,
     "cnn": small_cnn,
+    "wrn18": wide_resnet18,
+    "vgg11": vgg11,
 }
-"""Model factories by name, for configs and the command line."""
+"""Model factories by name, for configs and the command line (``wrn18`` and ``vgg11`` are the
+CIFAR/SVHN networks of :mod:`foof.conv_models`)."""
 
 TASKS: dict[str, str] = {
     "mlp": "classification",
     "logistic": "classification",
     "autoencoder": "reconstruction",
     "cnn": "classification",
+    "wrn18": "classification",
+    "vgg11": "classification",
 }
 """What each model is trained for: ``"classification"`` (cross-entropy on labels) or
 ``"reconstruction"`` (squared error on its own input)."""
@@ -193,7 +201,7 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     """Construct the model called ``name`` (a key of :data:`MODELS`).
 
     Args:
-        name: ``"mlp"``, ``"logistic"``, ``"autoencoder"`` or ``"cnn"``.
+        name: ``"mlp"``, ``"logistic"``, ``"autoencoder"``, ``"cnn"``, ``"wrn18"`` or ``"vgg11"``.
         **kwargs: arguments of that factory, e.g. ``hidden=(100,)`` for ``"mlp"``.
 
     Returns:

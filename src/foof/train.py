@@ -33,7 +33,9 @@ shows progress and writes the results file; every rank evaluates the full test s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -48,8 +50,10 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from foof import checkpoint as checkpoints
 from foof import distributed
 from foof.data import Dataset, load_dataset
+from foof.image_data import augment_batch
 from foof.io import write_json_atomic
 from foof.models import TASKS, build_model
 from foof.optim.registry import OPTIMIZERS, backward, build_optimizer
@@ -139,6 +143,10 @@ class TrainCallback:
     def after_step(self, context: StepContext) -> None:
         """Called right after ``opt.step()``."""
 
+    def evaluation(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
+        """A context entered around every evaluation (e.g. to swap in averaged parameters)."""
+        return contextlib.nullcontext()
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -175,6 +183,14 @@ class TrainConfig:
         eval_every_epoch: evaluate on the test set after every epoch (else after the last).
         eval_train: also evaluate the loss on the whole training set after each evaluation
             (costs one extra forward pass over it).
+        augment: augment every training mini-batch with a random 4-pixel-padded crop and a
+            random horizontal flip (App. D.6; :func:`foof.image_data.augment_batch`), drawn
+            from a generator seeded with ``seed + 1``.
+        momentum_delay: train the first this many epochs without momentum and switch
+            ``momentum`` on afterwards (App. D.6 uses 1; :class:`foof.callbacks.DelayedMomentum`).
+        polyak_decay: if set, keep an exponential moving average of the parameters with this
+            decay and evaluate with it (Polyak averaging, App. D.6;
+            :class:`foof.callbacks.PolyakAveraging`).
     """
 
     dataset: str = "fashion-mnist"
@@ -198,6 +214,9 @@ class TrainConfig:
     device: str = "cpu"
     eval_every_epoch: bool = True
     eval_train: bool = False
+    augment: bool = False
+    momentum_delay: int = 0
+    polyak_decay: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready copy (mappings become plain dicts, tuples lists)."""
@@ -241,21 +260,23 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for values no run could use."""
-        from foof.data import DATASETS
+        from foof.data import ALL_DATASETS
         from foof.models import MODELS
 
         for name, value, choices in (
-            ("dataset", self.dataset, DATASETS),
+            ("dataset", self.dataset, ALL_DATASETS),
             ("model", self.model, tuple(MODELS)),
             ("optimizer", self.optimizer, OPTIMIZERS),
         ):
             if value not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-        for name in ("epochs", "batch_size", "subset"):
+        for name in ("epochs", "batch_size", "subset", "momentum_delay"):
             value = getattr(self, name)
             low = 0 if name != "subset" else 1
             if value is not None and (not isinstance(value, int) or value < low):
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.polyak_decay is not None and not 0.0 <= self.polyak_decay < 1.0:
+            raise ConfigError(f"polyak_decay must be in [0, 1) or None, got {self.polyak_decay!r}")
         if self.lr is None and self.optimizer not in DEFAULT_HYPERPARAMETERS:
             raise ConfigError(f"optimizer {self.optimizer!r} has no default lr; set lr")
         try:
@@ -274,6 +295,7 @@ def train(
     data: Dataset | None = None,
     download: bool = False,
     callbacks: Sequence[TrainCallback] = (),
+    checkpoint: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Train ``config.model`` with ``config.optimizer`` and return (and save) the results.
 
@@ -293,8 +315,15 @@ def train(
         data: an already loaded dataset to use instead of loading ``config.dataset`` (e.g. when
             a sweep runs many configs); it must match ``config.dataset`` and ``config.subset``.
         download: let :func:`foof.data.load_dataset` fetch a missing dataset.
-        callbacks: per-step hooks (see :class:`TrainCallback`), called in order; their time
-            is not counted in the recorded step times.
+        checkpoint: a checkpoint file (see :mod:`foof.checkpoint`). If it exists, the run
+            resumes from it (it must have been made with the same config); it is updated at
+            the end of every epoch, and on SIGINT/SIGTERM the run finishes its current step,
+            saves it with the partial results and raises
+            :class:`~foof.checkpoint.TrainingInterrupted`; it is deleted when the run completes.
+            Callbacks with ``state_dict``/``load_state_dict`` methods are checkpointed too.
+        callbacks: per-step hooks (see :class:`TrainCallback`), called in order after those
+            the config asks for (``momentum_delay``, ``polyak_decay``); their time is not
+            counted in the recorded step times.
 
     Returns:
         The results: ``format``, ``complete``, ``config`` (resolved), ``environment``,
@@ -352,6 +381,10 @@ def train(
         )
     loss_fn = _LOSSES[task]
     shuffle = torch.Generator().manual_seed(config.seed)
+    augmenter = torch.Generator().manual_seed(config.seed + 1) if config.augment else None
+    from foof.callbacks import config_callbacks  # foof.callbacks builds on this module
+
+    callbacks = [*config_callbacks(config, model), *callbacks]
 
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
@@ -364,10 +397,57 @@ def train(
     steps_per_epoch = math.ceil(n / batch)
 
     results = _new_results(config, data, model, task, device)
-    test_loss, test_accuracy = _evaluate(model, loss_fn, x_test, y_test, task)
-    results["initial"] = {"test_loss": test_loss, "test_accuracy": test_accuracy}
     train_time = 0.0
+    checkpoint_path = Path(checkpoint) if checkpoint is not None else None
+    first_epoch, resume_index, resume_order, resume_losses = 1, 0, None, []
+    if checkpoint_path is not None and checkpoint_path.exists():
+        saved = checkpoints.load(checkpoint_path, config.to_dict())
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        for callback, state in zip(callbacks, saved["callbacks"]):
+            if state is not None and hasattr(callback, "load_state_dict"):
+                callback.load_state_dict(state)
+        checkpoints.restore_generators(saved["generators"], shuffle, augmenter)
+        torch.set_rng_state(saved["torch_rng"])
+        results, train_time = saved["results"], saved["train_time"]
+        results["resumed"] = results.get("resumed", 0) + 1
+        first_epoch, resume_index = saved["epoch"], saved["next_index"]
+        resume_order, resume_losses = saved["order"], saved["epoch_losses"]
+    else:
+        test_loss, test_accuracy = _evaluate(model, loss_fn, x_test, y_test, task, callbacks)
+        results["initial"] = {"test_loss": test_loss, "test_accuracy": test_accuracy}
+
+    def save_checkpoint(epoch: int, next_index: int, order: Tensor | None, losses: list) -> None:
+        if checkpoint_path is None or rank != 0:
+            return
+        _finish(results, start)
+        checkpoints.save(
+            checkpoint_path,
+            {
+                "config": config.to_dict(),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "callbacks": [
+                    c.state_dict() if hasattr(c, "state_dict") else None for c in callbacks
+                ],
+                "generators": checkpoints.generator_states(shuffle, augmenter),
+                "torch_rng": torch.get_rng_state(),
+                # plain JSON types only (the environment's torch version is a str subclass,
+                # which weights_only loading refuses)
+                "results": json.loads(json.dumps(results)),
+                "train_time": train_time,
+                "epoch": epoch,
+                "next_index": next_index,
+                "order": None if order is None else order.cpu(),
+                "epoch_losses": list(losses),
+            },
+        )
+
+    # single-process runs with a checkpoint stop cleanly on SIGINT/SIGTERM; under torchrun the
+    # ranks would stop at different steps, so they keep the default behaviour there
+    stop = checkpoints.StopSignals(enabled=checkpoint_path is not None and world == 1)
     bar = tqdm(
+        initial=len(results["steps"]["loss"]),
         total=config.epochs * steps_per_epoch,
         disable=not progress or rank != 0,
         desc=f"{config.optimizer} {config.model} {config.dataset}",
@@ -375,14 +455,22 @@ def train(
         dynamic_ncols=True,
     )
     try:
-        for epoch in range(1, config.epochs + 1):
+        stop.__enter__()
+        for epoch in range(first_epoch, config.epochs + 1):
             tick = time.perf_counter()
-            order = torch.randperm(n, generator=shuffle).to(device)
-            epoch_losses: list[float] = []
-            for first in range(0, n, batch):
+            if resume_order is not None:  # the interrupted epoch, from where it stopped
+                order, begin, epoch_losses = resume_order.to(device), resume_index, resume_losses
+                resume_order = None
+            else:
+                order, begin = torch.randperm(n, generator=shuffle).to(device), 0
+                epoch_losses: list[float] = []
+            for first in range(begin, n, batch):
                 index = order[first : first + batch].tensor_split(world)[rank]
                 optimizer.zero_grad()
-                output = network(x_train[index])
+                inputs = x_train[index]
+                if augmenter is not None:
+                    inputs = augment_batch(inputs, augmenter)
+                output = network(inputs)
                 loss = loss_fn(output, y_train[index])
                 value = _global_mean(loss, len(index))
                 if not math.isfinite(value):
@@ -396,7 +484,7 @@ def train(
                         epoch=epoch,
                         model=model,
                         optimizer=optimizer,
-                        inputs=x_train[index],
+                        inputs=inputs,
                         targets=y_train[index],
                         output=output,
                         loss=loss,
@@ -412,27 +500,40 @@ def train(
                 bar.update()
                 if bar.n % 10 == 0 or bar.n == bar.total:
                     bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+                if stop.received:
+                    train_time += time.perf_counter() - tick
+                    save_checkpoint(epoch, first + batch, order, epoch_losses)
+                    if out_path is not None:
+                        write_json_atomic(out_path, results)
+                    raise checkpoints.TrainingInterrupted(stop.received, checkpoint_path)
             train_time += time.perf_counter() - tick
             last = results["diverged"] or epoch == config.epochs
             if epoch_losses and (config.eval_every_epoch or last):
                 _record_epoch(results, epoch, epoch_losses, train_time)
-                test_loss, test_accuracy = _evaluate(model, loss_fn, x_test, y_test, task)
+                test_loss, test_accuracy = _evaluate(
+                    model, loss_fn, x_test, y_test, task, callbacks
+                )
                 results["epochs"]["test_loss"].append(test_loss)
                 results["epochs"]["test_accuracy"].append(test_accuracy)
                 if config.eval_train:
-                    train_loss, _ = _evaluate(model, loss_fn, x_train, y_train, task)
+                    train_loss, _ = _evaluate(model, loss_fn, x_train, y_train, task, callbacks)
                     results["epochs"]["train_eval_loss"].append(train_loss)
+            if not last:
+                save_checkpoint(epoch + 1, 0, None, [])
             if out_path is not None and not last and rank == 0:
                 _finish(results, start)
                 write_json_atomic(out_path, results)
             if results["diverged"]:
                 break
     finally:
+        stop.__exit__(None, None, None)
         bar.close()
     results["complete"] = True
     _finish(results, start)
     if out_path is not None and rank == 0:
         write_json_atomic(out_path, results)
+    if checkpoint_path is not None and rank == 0:
+        checkpoint_path.unlink(missing_ok=True)
     return results
 
 
@@ -554,19 +655,30 @@ def _record_epoch(
 
 @torch.no_grad()
 def _evaluate(
-    model: nn.Module, loss_fn: LossFunction, x: Tensor, y: Tensor, task: str
+    model: nn.Module,
+    loss_fn: LossFunction,
+    x: Tensor,
+    y: Tensor,
+    task: str,
+    callbacks: Sequence[TrainCallback] = (),
 ) -> tuple[float | None, float | None]:
-    """Mean loss and accuracy (``None`` for reconstruction or a non-finite loss) over ``x``."""
+    """Mean loss and accuracy (``None`` for reconstruction or a non-finite loss) over ``x``.
+
+    Runs inside every callback's :meth:`TrainCallback.evaluation` context.
+    """
     was_training = model.training
     model.eval()
     try:
-        total_loss, correct = 0.0, 0
-        for first in range(0, len(x), _EVAL_BATCH):
-            output = model(x[first : first + _EVAL_BATCH])
-            target = y[first : first + _EVAL_BATCH]
-            total_loss += loss_fn(output, target).item() * len(target)
-            if task == "classification":
-                correct += int((output.argmax(dim=1) == target).sum())
+        with contextlib.ExitStack() as contexts:
+            for callback in callbacks:
+                contexts.enter_context(callback.evaluation(model))
+            total_loss, correct = 0.0, 0
+            for first in range(0, len(x), _EVAL_BATCH):
+                output = model(x[first : first + _EVAL_BATCH])
+                target = y[first : first + _EVAL_BATCH]
+                total_loss += loss_fn(output, target).item() * len(target)
+                if task == "classification":
+                    correct += int((output.argmax(dim=1) == target).sum())
     finally:
         model.train(was_training)
     loss = _finite_or_none(total_loss / len(x))

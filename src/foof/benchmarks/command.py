@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from foof.benchmarks.methods import default_workloads
 from foof.benchmarks.report import evaluate_targets
@@ -32,6 +35,20 @@ def add_commands(subparsers: Any) -> None:
     )
     arg = bench.add_argument
     arg("--quick", action="store_true", help="a few minutes: MLP at batch 100, 20 steps")
+    arg(
+        "--suite",
+        choices=("default", "wrn", "memory"),
+        default="default",
+        help="wrn: SGD, FOOF and KFAC on the Wide ResNet-18 at batch 100, phase by phase "
+        "(foof.benchmarks.conv; --steps per phase, default 3); writes wrn-<device>.md/.json. "
+        "memory: resident memory over --steps (default 10,000) training steps per method and "
+        "over 1,000 dropped optimizers (foof.benchmarks.endurance); writes memory-cpu.md/.json",
+    )
+    arg(
+        "--no-low-rank",
+        action="store_true",
+        help="wrn suite: FOOF and KFAC with low_rank=False (no per-step capture)",
+    )
     arg("--out", type=Path, default=Path("runs/bench"), help="default: runs/bench")
     arg("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
     arg("--steps", type=_positive, default=None, help="measured steps per method (default 100)")
@@ -105,10 +122,26 @@ def run_command(args: argparse.Namespace) -> int:
         json_path, md_path = write_report(results, args.out)
         print(f"foof bench: re-rendered {args.from_json} -> {md_path}, {json_path}")
         return 0
-    config = config_from_args(args)
 
     def log(message: str) -> None:
         print(f"foof bench: {message}", file=sys.stderr, flush=True)
+
+    if args.suite == "wrn":
+        return _run_wrn(args, log)
+    if args.suite == "memory":
+        from foof.benchmarks.endurance import EnduranceConfig, run_endurance
+
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        endurance = EnduranceConfig(data_dir=args.data_dir)
+        if args.steps is not None:
+            endurance.steps = args.steps
+            endurance.warmup = min(endurance.warmup, max(1, args.steps // 10))
+            endurance.sample_every = min(endurance.sample_every, max(1, args.steps // 40))
+        run_endurance(endurance, args.out, log=log)
+        print(f"foof bench: memory report -> {args.out / 'memory-cpu.md'}")
+        return 0
+    config = config_from_args(args)
 
     results = run_benchmark(config, args.out, log=log)
     device = config.device
@@ -117,6 +150,23 @@ def run_command(args: argparse.Namespace) -> int:
         f"foof bench: {met} of {len(results['targets'])} targets met | "
         f"{results['total_seconds']:.0f} s | report -> {args.out / (device + '.md')}"
     )
+    return 0
+
+
+def _run_wrn(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    from foof.benchmarks.conv import format_wrn, time_wrn
+    from foof.io import write_json_atomic
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    low_rank = not args.no_low_rank
+    results = time_wrn(steps=args.steps or 3, low_rank=low_rank, device=args.device, log=log)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"wrn-{args.device}" + ("" if low_rank else "-no-low-rank")
+    write_json_atomic(args.out / f"{name}.json", results)
+    path = args.out / f"{name}.md"
+    path.write_text(format_wrn(results), encoding="utf-8")
+    print(f"foof bench: report -> {path}")
     return 0
 
 

@@ -33,6 +33,10 @@ METRICS = {
     "metric:second-factor-progress/kfac_mean": "mean relative decrease by KFAC's update",
     "metric:second-factor-progress/foof_mean": "mean relative decrease without 2nd factor",
     "metric:second-factor-progress/foof_ge_kfac": "fraction of steps without 2nd factor ≥ KFAC",
+    "value:test_nll": "predictive test NLL",
+    "value:test_accuracy": "predictive test accuracy",
+    "value:test_ece": "test expected calibration error",
+    "value:prior_precision": "prior precision τ (chosen on validation)",
 }
 """Named metrics and how the report calls them; plus ``metric:<instrument>/<key>`` (a number an
 instrument stored in ``results["metrics"]``) and ``value:<key>`` (a number of the toy example)."""

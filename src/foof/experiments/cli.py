@@ -37,7 +37,19 @@ def add_commands(commands: Any) -> None:
     reproduce.add_argument(
         "--out", type=Path, default=None, help="output directory (default: runs/reproduction/MODE)"
     )
-    reproduce.add_argument("--data-dir", default=None, help="directory searched first for data")
+    reproduce.add_argument(
+        "--data-dir",
+        "--data-root",
+        dest="data_dir",
+        default=None,
+        help="directory searched first for data (for CIFAR-10/100 and SVHN: the root holding "
+        "them in torchvision's layout, see foof.image_data)",
+    )
+    reproduce.add_argument(
+        "--download",
+        action="store_true",
+        help="let the loaders download missing datasets (CIFAR/SVHN through torchvision)",
+    )
     reproduce.add_argument("--device", default=None, help="torch device (default: cpu)")
     reproduce.add_argument(
         "--report", action="store_true", help="write OUT/REPORT.md afterwards (foof report OUT)"
@@ -162,6 +174,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         progress=not args.no_progress,
         data_dir=args.data_dir,
+        download=args.download,
         device=args.device,
     )
     counts = {s: sum(o.status == s for o in outcomes) for s in ("trained", "reused", "skipped")}

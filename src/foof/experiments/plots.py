@@ -43,6 +43,7 @@ def plot_figure(figure: FigureResults, path: Path) -> Path | None:
         "sweep": _sweep,
         "trajectory": _trajectory,
         "toy": _toy,
+        "laplace": _laplace,
     }[style]
     fig = drawer(plt, figure)
     fig.suptitle(f"{figure.spec['title']} ({figure.spec['mode']} mode)", fontsize=10)
@@ -220,4 +221,28 @@ def _toy(plt, figure: FigureResults):
     ax.set_ylabel("w₂")
     ax.legend(fontsize=7, loc="upper right")
     ax.grid(alpha=0.3)
+    return fig
+
+
+def _laplace(plt, figure: FigureResults):
+    metrics = ("value:test_nll", "value:test_accuracy", "value:test_ece")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(12, 3.8))
+    for ax, metric in zip(axes, metrics):
+        labels, means, stds = [], [], []
+        for run in figure.runs:
+            summary = Summary.of(figure.values(run["label"], metric))
+            if summary.n:
+                labels.append(run["legend"].split(" (")[0])
+                means.append(summary.mean)
+                stds.append(summary.std)
+        ax.bar(range(len(labels)), means, yerr=stds, color="tab:blue", alpha=0.8)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+        ax.set_title(metric_name(metric), fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+        if metric != "value:test_accuracy" and means:
+            ax.set_ylim(0, max(m + s for m, s in zip(means, stds)) * 1.15)
+        elif means:
+            low = min(m - s for m, s in zip(means, stds))
+            ax.set_ylim(max(0.0, low - 0.05), min(1.0, max(means) + 0.05))
     return fig

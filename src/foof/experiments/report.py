@@ -25,6 +25,7 @@ from foof.experiments.checks import (
     metric_name,
     metric_value,
 )
+from foof.experiments.conv_figures import CONV_DATASETS
 from foof.experiments.figures import FIGURES, build
 from foof.experiments.runner import FIGURE_FILE, default_out, reproduce_command
 from foof.io import read_json, write_json_atomic
@@ -148,7 +149,9 @@ def write_report(
     lines += _legend_lines()
     lines += _summary_table(figures)
     lines += _environment_lines(all_results)
-    for figure_id in FIGURES:
+    # the paper's figures in order (missing ones say how to run them), then any other figure
+    # found in the directories (a user's own Figure spec)
+    for figure_id in [*FIGURES, *sorted(set(figures) - set(FIGURES))]:
         lines.append("")
         if figure_id not in figures:
             lines += _missing_section(figure_id)
@@ -248,6 +251,24 @@ def _environment_lines(all_results: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def _ran_on(figure: FigureResults) -> str:
+    """``**Ran on.** <dataset> (<source>) on <device>; ...``: where the figure's runs ran."""
+    places = set()
+    for results in figure.results.values():
+        for result in results:
+            dataset, env = result.get("dataset") or {}, result.get("environment") or {}
+            device = str(env.get("device", "?"))
+            if env.get("device_name"):
+                device += f" ({env['device_name']})"
+            places.add(f"{dataset.get('name', '?')} ({dataset.get('source', '?')}) on {device}")
+    if not places:
+        return ""
+    fake = any(p.startswith("fake-") for p in places)
+    return f"**Ran on.** {'; '.join(sorted(places))}." + (
+        " Fake data: generated tensors, not the paper's dataset." if fake else ""
+    )
+
+
 def _missing_section(figure_id: str) -> list[str]:
     spec = build(figure_id, "standard")
     return [
@@ -257,7 +278,13 @@ def _missing_section(figure_id: str) -> list[str]:
         "",
         "**Verdict: not run** — no results in the given directories.",
         "",
-        f"Run: `{reproduce_command(figure_id, 'standard', None, None)}` (or `--mode quick`).",
+        f"Run: `{reproduce_command(figure_id, 'standard', None, None)}` (or `--mode quick`)."
+        + (
+            f" Standard mode needs {CONV_DATASETS[figure_id]} and torchvision: add `--data-root "
+            "DIR --device cuda` (see the README)."
+            if figure_id in CONV_DATASETS
+            else ""
+        ),
     ]
 
 
@@ -278,6 +305,8 @@ def _figure_section(figure: FigureResults, image: Path | None, out: Path) -> lis
         lines.append(
             "(Quick mode: a smoke test on a tiny subset; the verdict says nothing about the paper.)"
         )
+    if _ran_on(figure):
+        lines.append(_ran_on(figure))
     lines.append("")
     lines += ["| check | measured | verdict |", "| --- | --- | --- |"]
     for description, outcome in figure.outcomes():
@@ -303,6 +332,8 @@ def _runs_table(figure: FigureResults) -> list[str]:
     columns = [metric]
     if spec["kind"] == "train":
         columns += [c for c in ("final_train_loss", "time_per_update") if c != metric]
+    elif spec["kind"] == "laplace":
+        columns = ["value:test_nll", "value:test_accuracy", "value:test_ece"]
     header = ["run", "seeds"] + [metric_name(c) for c in columns] + ["hyperparameters"]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     for run in figure.runs:
@@ -323,6 +354,17 @@ def _hyperparameter_text(figure: FigureResults, label: str, results: list[dict])
         return "lr 1, damping 0"
     if not results:
         return "–"
+    if figure.spec["kind"] == "laplace":
+        chosen = [r["values"]["prior_precision"] for r in results]
+        if chosen[0] is None:
+            config = results[0]["config"]
+            trained = ", ".join(
+                f"{k.replace('_', ' ')} {config[k]:g}"
+                for k in ("lr", "momentum", "weight_decay")
+                if config.get(k) is not None
+            )
+            return f"MAP: {config['optimizer']}, {trained}"
+        return "τ " + ", ".join(f"{t:g}" for t in chosen) + " (per seed, chosen on validation)"
     config = results[0]["config"]
     info = results[0].get("experiment", {}).get("hyperparameters", {})
     parts = []

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from foof.data import Dataset, load_dataset
 from foof.experiments import hyperparameters as hp
+from foof.experiments import laplace
 from foof.experiments.checks import format_number, metric_value
 from foof.experiments.figures import build
 from foof.experiments.instruments import build_instruments
@@ -66,13 +67,22 @@ class PlannedRun:
 
     @property
     def record(self) -> dict[str, Any]:
-        """What a complete results file must match to count as this run (config, instruments)."""
-        return {
+        """What a complete results file must match to count as this run.
+
+        Its config and instruments; for Laplace figures also the method and the options.
+        """
+        record = {
             "config": self.config.to_dict() if self.config is not None else None,
             "instruments": list(self.run.instruments),
             "instrument_every": self.figure.instrument_every if self.run.instruments else None,
             "test_subset": self.figure.test_subset,
         }
+        if self.figure.kind == "laplace":
+            record["laplace"] = {
+                "method": self.run.label,
+                **laplace.options_record(self.figure.options),
+            }
+        return record
 
     @property
     def name(self) -> str:
@@ -161,13 +171,22 @@ def plan(
             info["source"] = "figure spec (paper's Table D.4 or a default; not tuned)"
         for seed in range(seeds):
             config = None
-            if figure.kind == "train":
+            if figure.kind in ("train", "laplace"):
                 config = figure.config(run, seed, values)
                 if device is not None:
                     config = TrainConfig.from_dict({**config.to_dict(), "device": device})
             path = directory / f"{run.label}-seed{seed}.json"
             planned.append(PlannedRun(figure, run, seed, config, path, info))
     return planned
+
+
+def checkpoint_path(results_path: Path) -> Path:
+    """Where the run writing ``results_path`` keeps its checkpoint (``<label>-seed<S>.ckpt.pt``).
+
+    A ``reproduce`` stopped by SIGINT/SIGTERM leaves it behind; the next ``reproduce`` resumes
+    the run from it (see :func:`foof.train.train`).
+    """
+    return results_path.with_name(results_path.stem + ".ckpt.pt")
 
 
 def is_done(path: Path, record: dict[str, Any]) -> bool:
@@ -269,6 +288,16 @@ def execute(
         warnings.simplefilter("always")
         if planned.figure.kind == "toy":
             results = toy_example()
+        elif planned.figure.kind == "laplace":
+            assert planned.config is not None
+            results = laplace.evaluate(
+                planned.run.label,
+                planned.config,
+                planned.figure.options,
+                cache.get(planned.config, planned.figure.test_subset),
+                planned.path.parent / f"map-model-seed{planned.seed}.pt",
+                progress=progress,
+            )
         else:
             assert planned.config is not None
             instruments = build_instruments(
@@ -279,6 +308,7 @@ def execute(
                 progress=progress,
                 data=cache.get(planned.config, planned.figure.test_subset),
                 callbacks=instruments,
+                checkpoint=checkpoint_path(planned.path),
             )
             if instruments:
                 results["metrics"] = {inst.name: inst.summary() for inst in instruments}
@@ -379,14 +409,27 @@ def _read(path: Path) -> dict[str, Any] | None:
     return results
 
 
+def _with_defaults(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``config`` with TrainConfig fields added since it was written set to their defaults.
+
+    A results file written before a field existed was made with that field's default, so it
+    still counts as the same run.
+    """
+    if config is None:
+        return None
+    defaults = TrainConfig().to_dict()
+    return {**{k: v for k, v in defaults.items() if k not in config}, **config}
+
+
 def _matches(results: dict[str, Any], record: dict[str, Any]) -> bool:
     experiment = results.get("experiment", {})
-    if record["config"] is not None and results.get("config") != record["config"]:
+    if record["config"] is not None and _with_defaults(results.get("config")) != record["config"]:
         return False
     return (
         experiment.get("instruments", []) == record["instruments"]
         and experiment.get("instrument_every") == record["instrument_every"]
         and experiment.get("test_subset") == record["test_subset"]
+        and experiment.get("laplace") == record.get("laplace")
     )
 
 
@@ -407,10 +450,12 @@ def _index(out: Path) -> dict[str, Path]:
         if experiment.get("reused_from"):
             continue
         record = {
-            "config": results["config"],
+            "config": _with_defaults(results["config"]),
             "instruments": experiment.get("instruments", []),
             "instrument_every": experiment.get("instrument_every"),
             "test_subset": experiment.get("test_subset"),
         }
+        if experiment.get("laplace") is not None:
+            record["laplace"] = experiment["laplace"]
         index.setdefault(_digest(record), path)
     return index

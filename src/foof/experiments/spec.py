@@ -18,11 +18,12 @@ from foof.train import TrainConfig
 MODES = ("quick", "standard")
 """``quick``: CI-sized smoke runs of the whole pipeline; ``standard``: the paper's settings."""
 
-KINDS = ("train", "toy")
-"""How a figure's runs are produced: by :func:`foof.train.train`, or by the exact toy
-computation of App. F (:mod:`foof.experiments.toy`)."""
+KINDS = ("train", "toy", "laplace")
+"""How a figure's runs are produced: by :func:`foof.train.train`, by the exact toy
+computation of App. F (:mod:`foof.experiments.toy`), or as posterior approximations around a
+trained network (App. G, :mod:`foof.experiments.laplace`; the run label names the method)."""
 
-PLOTS = ("curves", "bars", "sweep", "trajectory", "toy")
+PLOTS = ("curves", "bars", "sweep", "trajectory", "toy", "laplace")
 """Plot styles :mod:`foof.experiments.report` knows."""
 
 TUNABLE = ("lr", "damping", "momentum")
@@ -105,6 +106,9 @@ class Figure:
             smaller network, ...), printed in the report; ``None`` if nothing.
         notes: further remarks for the report (interpretations, deviations from the paper).
         paper: the paper's numbers for this figure where it states any, for the report.
+        options: settings of the figure's kind beyond the training config (for ``"laplace"``:
+            :class:`foof.experiments.laplace.LaplaceOptions` fields); part of every run's
+            record, so changing them reruns the figure.
     """
 
     id: str
@@ -123,6 +127,7 @@ class Figure:
     reduction: str | None = None
     notes: str = ""
     paper: str = ""
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -195,6 +200,7 @@ class Figure:
             "reduction": self.reduction,
             "notes": self.notes,
             "paper": self.paper,
+            "options": _jsonable(dict(self.options)),
         }
 
 
