@@ -119,3 +119,35 @@ def test_kfac_heuristic_low_rank_equals_dense(second_factor):
         assert all(used) == low_rank
     for a, b in zip(moves[True], moves[False]):
         torch.testing.assert_close(a, b, **TOL)
+
+
+def test_layers_where_low_rank_never_pays_are_not_recorded_between_statistics_steps():
+    # batch 64 ≫ width 8: the factored form is never cheaper, so after one step that showed it,
+    # inputs and output gradients are recorded only on statistics steps (inv_every=5,
+    # stats_steps=1: steps 4, 9, ...); the updates stay the dense formula's
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 5)).double()
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 8, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 5, (64,), generator=generator)
+    opt = FOOF(model, lr=0.1, damping=0.1, inv_every=5, stats_steps=1)
+    recorded = []
+    for _ in range(10):
+        opt.zero_grad()
+        logits = model(x)
+        recorded.append(bool(opt.capture.records[model[0]].inputs))
+        opt.backward(loss_fn(logits, y), logits)
+        opt.step()
+    assert recorded == [True, False, False, False, False, True, False, False, False, False]
+    assert opt._low_rank_cheaper is False
+
+    wide = wide_model()
+    opt = FOOF(wide, lr=0.1, damping=0.1, inv_every=5, stats_steps=1)
+    xs, ys = batch()
+    for _ in range(3):
+        opt.zero_grad()
+        logits = wide(xs)
+        assert opt.capture.records[wide[0]].inputs  # the low-rank product needs A every step
+        opt.backward(loss_fn(logits, ys), logits)
+        opt.step()
+    assert opt._low_rank_cheaper is True

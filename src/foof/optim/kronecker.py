@@ -12,6 +12,7 @@ broadcast.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -107,6 +108,12 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         self.low_rank = bool(low_rank)
         self._step_rows: dict[nn.Module, Tensor | None] = {}
         self._probes: dict[nn.Module, Tensor] = {}
+        # Whether the low-rank product was cheaper for some layer when last evaluated (None:
+        # not yet). When it was not (convolutions: rows = batch × positions), recording A and E
+        # on every step is pure overhead, so it happens only on statistics steps, which also
+        # re-evaluate the shapes.
+        self._low_rank_cheaper: bool | None = None
+        self._cheaper_this_step: dict[nn.Module, bool] = {}
 
     def is_stats_step(self) -> bool:
         """Whether the coming (current) step updates the statistics."""
@@ -117,13 +124,27 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         """Whether the low-rank product may be used: ``low_rank`` and a single process."""
         return self.low_rank and not distributed.is_distributed()
 
+    def _records_for_low_rank(self) -> bool:
+        return self.uses_low_rank() and (
+            self._low_rank_cheaper is not False or self.is_stats_step()
+        )
+
     def wants_inputs(self) -> bool:
-        """Inputs on statistics steps, and on every step for the low-rank product."""
-        return self.uses_low_rank() or self.is_stats_step()
+        """Inputs on statistics steps, and on every step while the low-rank product pays."""
+        return self.is_stats_step() or self._records_for_low_rank()
 
     def wants_output_grads(self) -> bool:
         """Output gradients of the loss for the low-rank product ``Ĝ = EᵀA``."""
-        return self.uses_low_rank()
+        return self._records_for_low_rank()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Take one optimization step (see the class docstring for the update)."""
+        self._cheaper_this_step = {}
+        loss = super().step(closure)
+        if self._cheaper_this_step:
+            self._low_rank_cheaper = any(self._cheaper_this_step.values())
+        return loss
 
     def low_rank_factors(self, module: nn.Module, grad: Tensor, two_sided: bool) -> tuple | None:
         """``(E, A)`` with ``Ĝ = EᵀA`` when that form of the product is cheaper and exact.
@@ -155,6 +176,7 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         out = output_grads.shape[1]
         low_rank_cost = count * (in_dim * in_dim + out * in_dim + (out * out if two_sided else 0))
         dense_cost = out * in_dim * (in_dim + (out if two_sided else 0))
+        self._cheaper_this_step[module] = low_rank_cost < dense_cost
         if low_rank_cost >= dense_cost:
             return None
         dtype = factor_dtype(module.weight)
