@@ -219,3 +219,14 @@ def test_flag_for_another_optimizer_is_a_usage_error(tmp_path, capsys):
     )
     assert code == 2
     assert "--block-diagonal applies to --optimizer natural" in capsys.readouterr().err
+
+
+def test_app_d6_training_details_are_train_flags(data_dir, tmp_path, capsys):
+    out = tmp_path / "run.json"
+    args = ["--augment", "--momentum-delay", "1", "--polyak-decay", "0.9", "--out", str(out)]
+    assert main(tiny_args(data_dir, *args)) == 0
+    config = json.loads(out.read_text())["config"]
+    assert config["augment"] is True and config["momentum_delay"] == 1
+    assert config["polyak_decay"] == 0.9
+    assert main(tiny_args(data_dir, "--polyak-decay", "1.5", "--out", str(out))) == 2
+    assert "polyak_decay" in capsys.readouterr().err

@@ -174,6 +174,23 @@ def _add_train(commands: Any) -> None:
     arg("--device", default="cpu", help="torch device; default: cpu")
     arg("--eval-train", action="store_true", help="also evaluate the full training loss")
     arg(
+        "--augment",
+        action="store_true",
+        help="random 4-pixel-padded crops and horizontal flips of each batch (App. D.6)",
+    )
+    arg(
+        "--momentum-delay",
+        type=_natural,
+        default=0,
+        help="epochs without momentum before --momentum applies (App. D.6: 1); default: 0",
+    )
+    arg(
+        "--polyak-decay",
+        type=float,
+        default=None,
+        help="evaluate with an EMA of the parameters with this decay (Polyak averaging)",
+    )
+    arg(
         "--out",
         type=Path,
         default=None,
@@ -241,6 +258,9 @@ def _train(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         device=args.device,
         eval_train=args.eval_train,
+        augment=args.augment,
+        momentum_delay=args.momentum_delay,
+        polyak_decay=args.polyak_decay,
     )
     config.resolved().validate()
     out = args.out if args.out is not None else results_path(config)

@@ -244,7 +244,9 @@ def reproduce(
             directory = out / spec.id
             directory.mkdir(parents=True, exist_ok=True)
             figure_seeds = spec.seeds if seeds is None else seeds
-            figure_command = command or reproduce_command(spec.id, spec.mode, out, seeds)
+            figure_command = command or reproduce_command(
+                spec.id, spec.mode, out, seeds, device=device, data_root=_data_root(spec, data_dir)
+            )
             _write_figure(directory, spec, figure_seeds, figure_command, plans[spec.id])
             for planned in plans[spec.id]:
                 bar.set_description(f"reproduce {planned.name}")
@@ -259,15 +261,37 @@ def reproduce(
 
 
 def reproduce_command(
-    figure: str, mode: str, out: str | os.PathLike[str] | None, seeds: int | None
+    figure: str,
+    mode: str,
+    out: str | os.PathLike[str] | None,
+    seeds: int | None,
+    device: str | None = None,
+    data_root: str | os.PathLike[str] | None = None,
 ) -> str:
-    """The ``foof reproduce`` command line that regenerates ``figure``."""
+    """The ``foof reproduce`` command line that regenerates ``figure``.
+
+    ``device`` (unless CPU) and ``data_root`` (where CIFAR/SVHN were read from) are part of it;
+    the directory of the bundled MNIST files is not, being a property of the machine.
+    """
     parts = ["foof", "reproduce", figure, "--mode", mode]
     if seeds is not None:
         parts += ["--seeds", str(seeds)]
     if out is not None and Path(out) != default_out(mode):
         parts += ["--out", str(out)]
+    if data_root is not None:
+        parts += ["--data-root", str(data_root)]
+    if device is not None and device != "cpu":
+        parts += ["--device", device]
     return shlex.join(parts)
+
+
+def _data_root(figure: Figure, data_dir: str | os.PathLike[str] | None) -> str | None:
+    """``data_dir`` if ``figure`` reads a dataset from a user's root (CIFAR, SVHN), else None."""
+    from foof.data import VISION_DATASETS
+
+    datasets = {figure.base.get("dataset")} | {r.overrides.get("dataset") for r in figure.runs}
+    real = {d for d in datasets if d in VISION_DATASETS and not str(d).startswith("fake")}
+    return str(data_dir) if data_dir is not None and real else None
 
 
 def execute(
