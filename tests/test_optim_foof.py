@@ -270,8 +270,32 @@ def test_factors_are_float32_under_bf16_autocast():
     opt.step()
     for _, _, state in opt.layer_items():
         assert state["input_covariance"].dtype == torch.float32
-        assert state["inverse"].dtype == torch.float32
+        assert state["cholesky"].dtype == torch.float32  # inv_every=1: the factor, solved with
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("inv_every", [1, 2])
+def test_inverse_used_once_is_a_cholesky_solve_with_the_same_update(inv_every):
+    # inv_every=1 keeps L with L Lᵀ = Σ + λI and solves; otherwise P = (Σ + λI)⁻¹ is stored.
+    # Both give Ĝ P (float64, to 1e-10 relative), through the low-rank and the dense product.
+    torch.manual_seed(0)
+    for width, batch in ((30, 4), (6, 50)):  # low-rank pays / does not
+        model = nn.Sequential(nn.Linear(width, 7, bias=False)).double()
+        x = torch.randn(batch, width, dtype=torch.float64)
+        opt = FOOF(model, lr=1.0, damping=0.3, ema_decay=0.0, inv_every=inv_every)
+        before = model[0].weight.detach().clone()
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        grad = model[0].weight.grad.clone()
+        opt.step()
+        state = opt.state[model[0].weight]
+        assert ("cholesky" in state) == (inv_every == 1)
+        assert ("inverse" in state) == (inv_every != 1)
+        sigma = x.T @ x / batch + 0.3 * torch.eye(width, dtype=torch.float64)
+        expected = grad @ torch.linalg.inv(sigma)
+        torch.testing.assert_close(
+            before - model[0].weight.detach(), expected, rtol=1e-10, atol=1e-12
+        )
 
 
 def test_close_removes_hooks():

@@ -8,6 +8,23 @@ import torch
 from torch import Tensor
 
 
+def damped_cholesky(matrix: Tensor, damping: float) -> Tensor | None:
+    """The lower Cholesky factor ``L`` of ``matrix + damping·I``, or None if it does not exist.
+
+    For an inverse used once, ``torch.cholesky_solve(B, L)`` (``(matrix + damping·I)⁻¹ B``,
+    two triangular solves) is cheaper than forming the inverse; None means: fall back to
+    :func:`damped_inverse`, which handles the failure.
+
+    Args:
+        matrix: ``(n, n)`` symmetric positive semi-definite.
+        damping: ``λ >= 0`` added to the diagonal.
+    """
+    damped = matrix.clone()
+    damped.diagonal().add_(damping)
+    cholesky, info = torch.linalg.cholesky_ex(damped)
+    return cholesky if int(info) == 0 else None
+
+
 def damped_inverse(matrix: Tensor, damping: float) -> Tensor:
     """``(matrix + damping·I)^-1`` of a symmetric PSD matrix through its Cholesky factor.
 
