@@ -144,3 +144,21 @@ def test_from_json_re_renders_the_same_report(results, tmp_path):
     _, out = results
     assert main(["bench", "--from-json", str(out / "cpu.json"), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "cpu.md").read_text() == (out / "cpu.md").read_text()
+
+
+def test_endurance_benchmark_smoke(tmp_path, data_dir):
+    from foof.benchmarks.endurance import EnduranceConfig, run_endurance
+
+    config = EnduranceConfig(
+        steps=12, warmup=4, sample_every=4, hidden=(8,), optimizers=10, data_dir=str(data_dir)
+    )
+    results = run_endurance(config, tmp_path, log=lambda message: None)
+    assert set(results["training"]) == {"sgd", "foof", "kfac", "natural"}
+    for method, summary in results["training"].items():
+        assert [s["step"] for s in summary["samples"]] == [1, 4, 8, 12]
+        assert summary["hooks"] == ([0] if method == "sgd" else [2])  # one per Linear layer
+        assert summary["tensors_after_warmup"] == summary["tensors_final"]
+    for summary in results["churn"].values():
+        assert summary["hooks_after"] == 0  # dropped optimizers took their hooks with them
+    text = (tmp_path / "memory-cpu.md").read_text()
+    assert "| foof | 12 |" in text and "hooks left on the model" in text
