@@ -309,6 +309,7 @@ def evaluate(
         "config": config.to_dict(),
         "options": _options_dict(options),
         "environment": environment(device),
+        "dataset": data.describe(),
         "map": summary,
         "grid": grid,
         "values": {

@@ -257,10 +257,14 @@ def _ran_on(figure: FigureResults) -> str:
     for results in figure.results.values():
         for result in results:
             dataset, env = result.get("dataset") or {}, result.get("environment") or {}
+            if not dataset and not result.get("config"):
+                continue  # no data: the toy example's exact computation
             device = str(env.get("device", "?"))
             if env.get("device_name"):
                 device += f" ({env['device_name']})"
-            places.add(f"{dataset.get('name', '?')} ({dataset.get('source', '?')}) on {device}")
+            name = dataset.get("name") or (result.get("config") or {}).get("dataset", "?")
+            source = f" ({dataset['source']})" if dataset.get("source") else ""
+            places.add(f"{name}{source} on {device}")
     if not places:
         return ""
     fake = any(p.startswith("fake-") for p in places)
