@@ -257,7 +257,7 @@ def _ran_on(figure: FigureResults) -> str:
     for results in figure.results.values():
         for result in results:
             dataset, env = result.get("dataset") or {}, result.get("environment") or {}
-            if not dataset and not result.get("config"):
+            if not dataset and not (result.get("config") or {}).get("dataset"):
                 continue  # no data: the toy example's exact computation
             device = str(env.get("device", "?"))
             if env.get("device_name"):
