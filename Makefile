@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 FOOF_DATA ?= $(if $(wildcard ../shared/data/fashion-mnist.npz),$(abspath ../shared/data),)
 export FOOF_DATA
 
-.PHONY: install test lint run clean reproduce-quick
+.PHONY: install test lint run clean reproduce-quick reproduction-report
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,19 @@ REPRODUCE_OUT ?= runs/reproduction/quick
 reproduce-quick: install
 	OMP_NUM_THREADS=1 $(BIN)/foof reproduce all --mode quick --out $(REPRODUCE_OUT) --no-progress
 	$(BIN)/foof report $(REPRODUCE_OUT)
+
+## make reproduction-report: the committed report, docs/reproduction/REPORT.md: the standard-mode
+## figures this machine can afford (hours on 2 cores; runs resume if interrupted), every figure in
+## quick mode for the others, then the report with its plots and the results files beside it.
+STANDARD_FIGURES ?= 1D 2A 2C 4A 4C F LAPLACE
+reproduction-report: install
+	OMP_NUM_THREADS=1 $(BIN)/foof reproduce $(STANDARD_FIGURES) --mode standard --no-progress
+	OMP_NUM_THREADS=1 $(BIN)/foof reproduce 4B --mode standard --seeds 1 --no-progress
+	OMP_NUM_THREADS=1 $(BIN)/foof reproduce all --mode quick --no-progress
+	$(BIN)/foof report runs/reproduction/standard runs/reproduction/quick --out docs/reproduction
+	rm -rf docs/reproduction/runs && mkdir -p docs/reproduction/runs
+	cp -r runs/reproduction/standard docs/reproduction/runs/standard
+	find docs/reproduction/runs -name '*.pt' -delete
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

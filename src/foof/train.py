@@ -411,6 +411,7 @@ def train(
         torch.set_rng_state(saved["torch_rng"])
         results, train_time = saved["results"], saved["train_time"]
         results["resumed"] = results.get("resumed", 0) + 1
+        start = time.perf_counter() - results.get("total_time", 0.0)  # total_time accumulates
         first_epoch, resume_index = saved["epoch"], saved["next_index"]
         resume_order, resume_losses = saved["order"], saved["epoch_losses"]
     else:
