@@ -51,12 +51,15 @@ class FOOF(KroneckerFactoredOptimizer):
         lr: learning rate ``η >= 0``.
         damping: ``λ >= 0`` added to ``Σ_l`` before inversion.
         ema_decay: ``m ∈ [0, 1)``, decay of the moving average of ``Σ_l``.
-        inv_every: ``T >= 1``, inversion period.
+        inv_every: ``T >= 1``, inversion period. With ``T = 1`` (not sharded) each layer keeps
+            the Cholesky factor of ``Σ_l + λI`` and solves instead of forming ``P_l``.
         stats_steps: ``S ∈ [1, T]`` statistics steps before each inversion, ``None`` for all.
         momentum: heavy-ball momentum in ``[0, 1)`` as in ``torch.optim.SGD``.
         weight_decay: decoupled weight decay ``>= 0``.
         low_rank: compute the product through ``Ĝ = EᵀA`` when that needs fewer flops (exact;
             see :meth:`~foof.optim.kronecker.KroneckerFactoredOptimizer.low_rank_factors`).
+            Where the shapes never make it cheaper (convolutions), ``A`` and ``E`` are then
+            recorded only on statistics steps.
         inverse_sharding: under ``torch.distributed``, ``"replicated"`` (default) inverts every
             layer on every rank; ``"sharded"`` inverts layer ``i`` on rank ``i mod world_size``
             and broadcasts ``P_l``. Without a process group both invert locally. Statistics are
