@@ -46,7 +46,7 @@ reproduce-quick: install
 STANDARD_FIGURES ?= 1D 2A 2C 4A 4C F LAPLACE
 reproduction-report: install
 	OMP_NUM_THREADS=1 $(BIN)/foof reproduce $(STANDARD_FIGURES) --mode standard --no-progress
-	OMP_NUM_THREADS=1 $(BIN)/foof reproduce 4B --mode standard --seeds 1 --no-progress
+	OMP_NUM_THREADS=1 $(BIN)/foof reproduce 4B J --mode standard --seeds 1 --no-progress
 	OMP_NUM_THREADS=1 $(BIN)/foof reproduce all --mode quick --no-progress
 	$(BIN)/foof report runs/reproduction/standard runs/reproduction/quick --out docs/reproduction
 	rm -rf docs/reproduction/runs && mkdir -p docs/reproduction/runs
