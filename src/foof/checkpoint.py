@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from foof.io import atomic_open
+
 FORMAT = "foof.checkpoint/1"
 """Version tag stored in every checkpoint."""
 
@@ -104,9 +106,8 @@ def save(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
     """Write ``payload`` (plus the format tag) to ``path`` atomically; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    torch.save({"format": FORMAT, **payload}, temporary)
-    os.replace(temporary, path)
+    with atomic_open(path, "wb") as handle:
+        torch.save({"format": FORMAT, **payload}, handle)
     return path
 
 

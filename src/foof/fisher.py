@@ -407,20 +407,24 @@ def monte_carlo_predictive(
     inputs: Tensor,
     num_samples: int = 20,
     generator: torch.Generator | None = None,
+    batch_size: int | None = None,
 ) -> Tensor:
     """``(1/S) Σ_s softmax(f(x; θ_s))`` ``(B, C)`` over posterior samples ``θ_s``.
 
     The model's parameters are swapped for each sample and restored afterwards, also on error.
+    ``batch_size`` runs the model on that many inputs at a time (the same samples for all).
     """
     params = posterior.parameters()
     saved = [p.detach().clone() for p in params]
+    step = batch_size or len(inputs)
     total = None
     try:
         with torch.no_grad():
             for sample in posterior.sample(num_samples, generator):
                 for p, value in zip(params, sample):
                     p.copy_(value)
-                probs = torch.softmax(model(inputs), dim=-1)
+                parts = [model(inputs[i : i + step]) for i in range(0, len(inputs), step)]
+                probs = torch.softmax(torch.cat(parts), dim=-1)
                 total = probs if total is None else total + probs
     finally:
         with torch.no_grad():

@@ -18,7 +18,7 @@ import platform
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from foof.data import load_dataset
-from foof.io import write_json_atomic
+from foof.io import atomic_open, write_json_atomic
 from foof.models import build_model
 from foof.optim.registry import backward, build_optimizer
 
@@ -62,7 +62,6 @@ class EnduranceConfig:
     methods: tuple[str, ...] = ("sgd", "foof", "kfac", "natural")
     optimizers: int = 1_000
     data_dir: str | None = None
-    samples: dict[str, list[dict[str, float]]] = field(default_factory=dict, repr=False)
 
 
 def resident_mib() -> float:
@@ -196,7 +195,7 @@ def run_endurance(
     x, y = data.x_train, data.y_train
     results: dict[str, Any] = {
         "format": "foof.benchmarks.endurance/1",
-        "config": {k: v for k, v in asdict(config).items() if k != "samples"},
+        "config": asdict(config),
         "environment": {
             "platform": platform.platform(),
             "torch": str(torch.__version__),
@@ -216,10 +215,8 @@ def run_endurance(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "memory-cpu.json", results)
-    text = render(results)
-    temporary = out / ".memory-cpu.md.tmp"
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, out / "memory-cpu.md")
+    with atomic_open(out / "memory-cpu.md") as handle:
+        handle.write(render(results))
     return results
 
 

@@ -35,7 +35,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from foof import checkpoint as checkpoints
 from foof.data import Dataset
-from foof.fisher import KroneckerLaplace, LaplacePosterior, SubsampledFisher
+from foof.fisher import (
+    KroneckerLaplace,
+    LaplacePosterior,
+    SubsampledFisher,
+    monte_carlo_predictive,
+)
 from foof.models import build_model
 from foof.train import StepContext, TrainCallback, TrainConfig, environment, train
 
@@ -145,35 +151,28 @@ def map_model(
         test accuracy, seconds).
     """
     path = Path(path)
-    model = build_model(config.model, **dict(config.model_options)).to(config.device)
     if path.exists():
-        saved = torch.load(path, weights_only=True, map_location=config.device)
-        if saved.get("config") != repr(config.to_dict()):
-            path.unlink()  # made with another config: train again
+        try:
+            saved = checkpoints.load(path, config.to_dict())
+        except checkpoints.CheckpointError:
+            pass  # made with another config, or unreadable: train again
         else:
+            model = build_model(config.model, **dict(config.model_options)).to(config.device)
             model.load_state_dict(saved["state_dict"])
             return model.eval(), dict(saved["summary"])
     keeper = _KeepModel()
     results = train(config, progress=progress, data=data, callbacks=[keeper])
     if keeper.model is None:
         raise RuntimeError("the MAP run made no training step")
-    model.load_state_dict(keeper.model.state_dict())
     summary = {
         "final_train_loss": results["final"]["train_loss"],
         "test_accuracy": results["final"]["test_accuracy"],
         "seconds": results["total_time"],
         "diverged": bool(results["diverged"]),
     }
-    state = {
-        "config": repr(config.to_dict()),
-        "state_dict": model.state_dict(),
-        "summary": summary,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
-    return model.eval(), summary
+    state = {"config": config.to_dict(), "state_dict": keeper.model.state_dict()}
+    checkpoints.save(path, {**state, "summary": summary})
+    return keeper.model.eval(), summary
 
 
 def kronecker_factors(fisher: SubsampledFisher) -> list[tuple[Tensor, Tensor]]:
@@ -214,27 +213,13 @@ def _posterior_factory(
 def _predict(
     posterior: Any, model: nn.Module, x: Tensor, samples: int, seed: int, chunk: int = 2000
 ) -> Tensor:
-    """Predictive probabilities ``(n, C)`` in float64, the same posterior samples for all of x."""
-
-    def probabilities() -> Tensor:
-        parts = [torch.softmax(model(x[i : i + chunk]), -1) for i in range(0, len(x), chunk)]
-        return torch.cat(parts).double()
-
-    with torch.no_grad():
-        if posterior is None:
-            return probabilities()
-        params = posterior.parameters()
-        saved = [p.detach().clone() for p in params]
-        total = torch.zeros(len(x), 1, dtype=torch.float64, device=x.device)
-        try:
-            for sample in posterior.sample(samples, torch.Generator().manual_seed(seed)):
-                for p, value in zip(params, sample):
-                    p.copy_(value)
-                total = total + probabilities()
-        finally:
-            for p, value in zip(params, saved):
-                p.copy_(value)
-        return total / samples
+    """Predictive probabilities ``(n, C)`` in float64 (MAP's own when ``posterior`` is None)."""
+    if posterior is None:
+        with torch.no_grad():
+            parts = [model(x[i : i + chunk]) for i in range(0, len(x), chunk)]
+            return torch.softmax(torch.cat(parts), -1).double()
+    generator = torch.Generator().manual_seed(seed)
+    return monte_carlo_predictive(posterior, model, x, samples, generator, chunk).double()
 
 
 def evaluate(
@@ -336,6 +321,6 @@ def _options_dict(options: LaplaceOptions) -> dict[str, Any]:
     return values
 
 
-def options_record(options: Mapping[str, Any] | Sequence[Any] | None) -> dict[str, Any]:
+def options_record(options: Mapping[str, Any] | None) -> dict[str, Any]:
     """The options as stored in results (defaults filled in), for matching reruns."""
     return _options_dict(LaplaceOptions.from_mapping(dict(options or {})))
