@@ -276,8 +276,7 @@ def load_dataset(
 
         return load_vision_dataset(name, data_dir, subset, seed, normalize, download)
     _check_name(name)
-    if subset is not None and (isinstance(subset, bool) or int(subset) != subset or subset < 1):
-        raise ValueError(f"subset must be a positive integer or None, got {subset!r}")
+    check_subset(subset)
     dirs = search_dirs(data_dir)
     location = next((loc for d in dirs if (loc := locate_dataset(name, d)) is not None), None)
     if location is None:
@@ -287,6 +286,25 @@ def load_dataset(
         location = Location(name, "npz", {"npz": path}, path)
     arrays = read_location(location)
     return _to_dataset(name, arrays, location, subset, seed, normalize)
+
+
+def check_subset(subset: int | None) -> None:
+    """Raise ``ValueError`` unless ``subset`` is None or a positive integer."""
+    if subset is not None and (isinstance(subset, bool) or int(subset) != subset or subset < 1):
+        raise ValueError(f"subset must be a positive integer or None, got {subset!r}")
+
+
+def subset_indices(num_images: int, subset: int, seed: int, name: str) -> torch.Tensor:
+    """The ``subset`` training images a subset keeps: a permutation seeded with ``seed``, cut.
+
+    Every loader draws its subsets here, so a subset means the same images whatever the format.
+
+    Raises:
+        ValueError: ``subset`` exceeds the ``num_images`` training images of ``name``.
+    """
+    if subset > num_images:
+        raise ValueError(f"subset={subset} exceeds the {num_images} training images of {name}")
+    return torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))[:subset]
 
 
 def read_location(location: Location) -> dict[str, np.ndarray]:
@@ -535,12 +553,7 @@ def _to_dataset(
 ) -> Dataset:
     x_train, y_train = arrays["x_train"], arrays["y_train"]
     if subset is not None:
-        if subset > len(x_train):
-            raise ValueError(
-                f"subset={subset} exceeds the {len(x_train)} training images of {name}"
-            )
-        generator = torch.Generator().manual_seed(seed)
-        keep = torch.randperm(len(x_train), generator=generator)[:subset].numpy()
+        keep = subset_indices(len(x_train), subset, seed, name).numpy()
         x_train, y_train = x_train[keep], y_train[keep]
     caveats = []
     filename = location.source.name if location.kind == "npz" else None

@@ -455,8 +455,7 @@ def train(
         unit="step",
         dynamic_ncols=True,
     )
-    try:
-        stop.__enter__()
+    with stop, bar:  # handlers restored and the bar closed however the loop ends
         for epoch in range(first_epoch, config.epochs + 1):
             tick = time.perf_counter()
             if resume_order is not None:  # the interrupted epoch, from where it stopped
@@ -526,9 +525,6 @@ def train(
                 write_json_atomic(out_path, results)
             if results["diverged"]:
                 break
-    finally:
-        stop.__exit__(None, None, None)
-        bar.close()
     results["complete"] = True
     _finish(results, start)
     if out_path is not None and rank == 0:

@@ -39,11 +39,11 @@ def damped_inverse(matrix: Tensor, damping: float) -> Tensor:
     Returns:
         ``(n, n)`` symmetric inverse, same dtype and device as ``matrix``.
     """
+    cholesky = damped_cholesky(matrix, damping)
+    if cholesky is not None:
+        return torch.cholesky_inverse(cholesky)
     damped = matrix.clone()
     damped.diagonal().add_(damping)
-    cholesky, info = torch.linalg.cholesky_ex(damped)
-    if int(info) == 0:
-        return torch.cholesky_inverse(cholesky)
     eigenvalues, eigenvectors = torch.linalg.eigh(damped)
     floor = eigenvalues.abs().max().clamp_min(1.0) * torch.finfo(matrix.dtype).eps * matrix.shape[0]
     warnings.warn(
