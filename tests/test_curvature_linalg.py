@@ -3,7 +3,12 @@ import torch
 from torch import nn
 
 from foof import FOOF
-from foof.curvature.linalg import damped_inverse, update_ema_
+from foof.curvature.linalg import (
+    damped_inverse,
+    second_moment,
+    update_ema_,
+    update_second_moment_ema_,
+)
 
 
 def test_damped_inverse_matches_dense_inverse():
@@ -43,3 +48,18 @@ def test_ema_is_normalised_by_its_first_value():
     assert torch.equal(average, first) and average is not first
     update_ema_(average, torch.ones(2, 2), 0.9)
     torch.testing.assert_close(average, torch.full((2, 2), 0.9 * 3 + 0.1))
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.95])
+def test_fused_second_moment_ema_equals_ema_of_the_second_moment(decay):
+    generator = torch.Generator().manual_seed(3)
+    rows = [torch.randn(7, 4, generator=generator, dtype=torch.float64) for _ in range(3)]
+    reference = fused = None
+    for batch in rows:
+        reference = update_ema_(reference, second_moment(batch, torch.float64), decay)
+        fused = update_second_moment_ema_(fused, batch, 7, decay)
+    torch.testing.assert_close(fused, reference, rtol=1e-12, atol=1e-12)
+    # decay 0 ("this batch only") must not let a non-finite old average through
+    fused.fill_(float("nan"))
+    update_second_moment_ema_(fused, rows[0], 7, 0.0)
+    torch.testing.assert_close(fused, rows[0].T @ rows[0] / 7, rtol=1e-12, atol=1e-12)

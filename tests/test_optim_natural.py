@@ -4,6 +4,7 @@ from torch import nn
 
 from foof import NaturalGradient
 from foof.curvature.woodbury import LayerFisherData
+from foof.optim import natural as natural_module
 from tests.cases import CASE_IDS, CASES
 from tests.reference import (
     dense_fisher,
@@ -49,10 +50,25 @@ def natural_direction(fisher, grad, damping):
     return torch.linalg.solve(fisher + damping * torch.eye(len(fisher), dtype=fisher.dtype), grad)
 
 
+@pytest.fixture(params=["shape-chosen", "factored"])
+def gradient_form(request, monkeypatch):
+    """How ∇L enters the solve: as the shapes decide (mostly formed on these tiny layers), or
+    always as the factors E_LᵀA_L (row Gram matrices; conv layers included)."""
+    taken = []
+    if request.param == "factored":
+
+        def always(layer, rows):
+            taken.append(rows)
+            return True
+
+        monkeypatch.setattr(natural_module, "factored_projection_is_cheaper", always)
+    yield request.param, taken
+
+
 @pytest.mark.parametrize("block", [False, True], ids=["full-matrix", "block-diagonal"])
 @pytest.mark.parametrize("fisher", ["full", "mc", "empirical"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_update_is_exact_damped_natural_gradient(case, fisher, block):
+def test_update_is_exact_damped_natural_gradient(case, fisher, block, gradient_form):
     """(λI + F)⁻¹ ∇L against the explicit Fisher from per-sample Jacobians (torch.func)."""
     model = case.model()
     x, y = case.batch()
@@ -66,6 +82,8 @@ def test_update_is_exact_damped_natural_gradient(case, fisher, block):
         model, lr=0.5, damping=damping, fisher=fisher, block_diagonal=block, seed=seed
     )
     torch.testing.assert_close(one_step(model, opt, x, y), expected, **TOL)
+    form, taken = gradient_form
+    assert len(taken) == (len(opt.layers) if form == "factored" else 0)
 
 
 def test_logistic_regression_block_diagonal_equals_full():
@@ -79,7 +97,7 @@ def test_logistic_regression_block_diagonal_equals_full():
     torch.testing.assert_close(directions[0], directions[1], **TOL)
 
 
-def test_previous_fisher_batch_uses_the_last_batch():
+def test_previous_fisher_batch_uses_the_last_batch(gradient_form):
     case = CASES[0]
     (x0, y0), (x1, y1) = case.batch(seed=3), case.batch(seed=4)
     model = case.model()
@@ -125,3 +143,23 @@ def test_requires_output_for_backward_and_positive_damping():
     opt.zero_grad()
     with pytest.raises(ValueError, match="opt.backward"):
         opt.backward(cross_entropy(model(x), y))
+
+
+def test_a_gradient_changed_after_backward_is_used_as_it_is(monkeypatch):
+    """∇L is taken as E_LᵀA_L only when the formed gradient equals it (probe check)."""
+    monkeypatch.setattr(natural_module, "factored_projection_is_cheaper", lambda *_: True)
+    case = CASES[0]
+    x, y = case.batch()
+    model = case.model()
+    dense = dense_fisher(model, x, None)
+    grad = flat_gradient(model, cross_entropy, x, y) * 0.5  # what the hook below does
+    expected = natural_direction(dense, grad, 0.1)
+    opt = NaturalGradient(model, lr=0.5, damping=0.1, fisher="full")
+    before = flat_params(model)
+    opt.zero_grad()
+    logits = model(x)
+    opt.backward(cross_entropy(logits, y), logits)
+    for p in model.parameters():
+        p.grad.mul_(0.5)
+    opt.step()
+    torch.testing.assert_close((before - flat_params(model)) / 0.5, expected, **TOL)

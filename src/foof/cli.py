@@ -123,7 +123,7 @@ def _add_train(commands: Any) -> None:
     arg("--ema-decay", type=float, default=None, help="decay of curvature moving averages")
     arg("--inv-every", type=_positive, default=None, help="inversion period T")
     arg("--stats-steps", type=_positive, default=None, help="statistics steps S per inversion")
-    curvature = train_parser.add_argument_group("KFAC and natural-gradient options")
+    curvature = train_parser.add_argument_group("FOOF, KFAC and natural-gradient options")
     curvature.add_argument(
         "--fisher", choices=FISHER_TYPES, default=None, help="Fisher estimate (default: mc)"
     )
@@ -137,6 +137,13 @@ def _add_train(commands: Any) -> None:
     )
     curvature.add_argument(
         "--block-diagonal", action="store_true", help="natural gradient per layer (Fig. 2B/2C)"
+    )
+    curvature.add_argument(
+        "--fused-backward",
+        action="store_true",
+        help="FOOF, KFAC, natural gradient: skip autograd's weight-gradient GEMMs and compute "
+        "the direction from the recorded layer inputs and output gradients (same update, "
+        "faster; see foof.CurvatureOptimizer)",
     )
     curvature.add_argument(
         "--fisher-batch",
@@ -215,6 +222,7 @@ def _curvature_options(args: argparse.Namespace) -> dict[str, Any]:
         "damping_mode": ("kfac",),
         "second_factor": ("kfac",),
         "block_diagonal": ("natural",),
+        "fused_backward": ("foof", "kfac", "natural"),
         "fisher_batch": ("natural",),
         "likelihood": ("kfac", "natural"),
     }
@@ -223,6 +231,7 @@ def _curvature_options(args: argparse.Namespace) -> dict[str, Any]:
         "damping_mode": args.damping_mode,
         "second_factor": False if args.no_second_factor else None,
         "block_diagonal": True if args.block_diagonal else None,
+        "fused_backward": True if args.fused_backward else None,
         "fisher_batch": args.fisher_batch,
         "likelihood": args.likelihood,
     }

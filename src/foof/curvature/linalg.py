@@ -70,3 +70,25 @@ def update_ema_(average: Tensor | None, value: Tensor, decay: float) -> Tensor:
     if average is None:
         return value.clone()
     return average.mul_(decay).add_(value, alpha=1.0 - decay)
+
+
+def update_second_moment_ema_(
+    average: Tensor | None, rows: Tensor, count: int, decay: float
+) -> Tensor:
+    """``decay·average + (1-decay)·(1/count) Σ_r x_r x_rᵀ`` in place, as one GEMM.
+
+    The same as :func:`update_ema_` of :func:`second_moment` (normalised by ``count``, which
+    is the number of rows for ``Ā`` and the batch size for ``Ḡ``), without materialising the
+    batch term: ``addmm_`` scales the average by ``beta`` while accumulating the product, so
+    the ``(n, n)`` average is read and written once.
+
+    Args:
+        average: ``(n, n)`` running average, or None for the first batch (then the batch term
+            itself is returned).
+        rows: ``(R, n)`` in the average's dtype.
+        count: normaliser of the batch term.
+        decay: ``m ∈ [0, 1)``.
+    """
+    if average is None:
+        return (rows.T @ rows).div_(count)
+    return average.addmm_(rows.T, rows, beta=decay, alpha=(1.0 - decay) / count)

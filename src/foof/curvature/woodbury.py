@@ -15,6 +15,12 @@ per-layer inputs ``A`` ``(B·P, in_dim)`` and output gradients ``E`` ``(K, B·P,
 * ``(λI + G Gᵀ)⁻¹ v = (v − G (λI + GᵀG)⁻¹ Gᵀ v) / λ`` with a Cholesky solve of the small
   ``M×M`` system.
 
+A gradient is itself of this form: ``∇L = E_Lᵀ A_L`` with the loss's output gradients ``E_L``
+(:class:`FactoredGradient`). Then ``Gᵀ∇L`` needs only row Gram matrices,
+``Σ_r (e_{k,i}·e_{L,r})(ā_i·ā_{L,r})``, and ``∇L − G w`` is one GEMM on stacked rows, so the
+natural gradient never forms a weight gradient (see ``fused_backward`` of
+:class:`foof.NaturalGradient`).
+
 Memory is ``O(B·neurons)``, never ``O(parameters²)``.
 """
 
@@ -101,6 +107,67 @@ class LayerFisherData:
         return weighted.transpose(-1, -2) @ self.inputs / self.batch_size**0.5
 
 
+@dataclass
+class FactoredGradient:
+    """A layer gradient ``Ĝ = Eᵀ A`` ``(out, in_dim)`` held as its factors.
+
+    Attributes:
+        output_grads: ``E`` ``(R, out)``, gradients of the (batch-mean) loss w.r.t. the outputs.
+        inputs: ``A`` ``(R, in_dim)``, the layer's input rows, bias column included.
+    """
+
+    output_grads: Tensor
+    inputs: Tensor
+
+    def dense(self) -> Tensor:
+        """``EᵀA`` formed."""
+        return self.output_grads.T @ self.inputs
+
+
+def factored_projection_is_cheaper(layer: LayerFisherData, rows: int) -> bool:
+    """Whether ``G_lᵀ (EᵀA)`` on row Gram matrices beats forming ``EᵀA`` and projecting it.
+
+    Row Gram matrices cost ``K·rows_F·R·out + rows_F·R·in``; the dense route ``out·R·in``
+    (forming) plus ``K·rows_F·out·in`` (projecting). For Linear layers at batch sizes below the
+    widths the factored form wins by about ``min(in, out) / B``; for convolutions with many
+    positions per sample it loses.
+    """
+    k, fisher_rows, out = layer.output_grads.shape
+    in_dim = layer.inputs.shape[1]
+    factored = fisher_rows * rows * (k * out + in_dim)
+    dense = out * rows * in_dim + k * fisher_rows * out * in_dim
+    return factored < dense
+
+
+def _transpose_mv_factored(layer: LayerFisherData, grad: FactoredGradient) -> Tensor:
+    """``G_lᵀ (E_Lᵀ A_L)`` ``(M,)`` from row Gram matrices."""
+    k = layer.output_grads.shape[0]
+    input_gram = layer.inputs @ grad.inputs.T  # (rows_F, R)
+    inner = (layer.output_grads @ grad.output_grads.T) * input_gram  # (K, rows_F, R)
+    per_row = inner.sum(-1).reshape(k, layer.batch_size, layer.positions).sum(-1)
+    return per_row.reshape(-1) / layer.batch_size**0.5
+
+
+def _subtract_mv(layer: LayerFisherData, vector: Tensor | FactoredGradient, weights: Tensor):
+    """``v − G_l w`` ``(out, in_dim)``; for a factored ``v`` one GEMM on stacked rows."""
+    if isinstance(vector, Tensor):
+        return vector - layer.mv(weights)
+    k, rows, out = layer.output_grads.shape
+    e = layer.output_grads.reshape(k, layer.batch_size, layer.positions, out)
+    weighted = (e * weights.reshape(k, layer.batch_size, 1, 1)).sum(0).reshape(rows, out)
+    weighted = weighted / layer.batch_size**0.5
+    if vector.inputs is layer.inputs:  # the loss's batch is the Fisher batch: shared rows
+        return (vector.output_grads - weighted).T @ layer.inputs
+    stacked = torch.cat([vector.output_grads, -weighted])
+    return stacked.T @ torch.cat([vector.inputs, layer.inputs])
+
+
+def _transpose_mv(layer: LayerFisherData, vector: Tensor | FactoredGradient) -> Tensor:
+    if isinstance(vector, Tensor):
+        return layer.transpose_mv(vector)
+    return _transpose_mv_factored(layer, vector)
+
+
 def cholesky_solve_damped(gram: Tensor, rhs: Tensor, damping: float) -> Tensor:
     """``(λI + GᵀG)⁻¹ rhs`` by Cholesky; ``rhs`` ``(M,)`` or ``(M, c)``."""
     damped = gram.clone()
@@ -114,13 +181,16 @@ def cholesky_solve_damped(gram: Tensor, rhs: Tensor, damping: float) -> Tensor:
 
 
 def damped_inverse_mv(
-    layers: list[LayerFisherData], vectors: list[Tensor], damping: float, block_diagonal: bool
+    layers: list[LayerFisherData],
+    vectors: list[Tensor | FactoredGradient],
+    damping: float,
+    block_diagonal: bool,
 ) -> list[Tensor]:
     """``(λI + F)⁻¹ v`` by the Woodbury identity (paper eqs. 20-23).
 
     Args:
         layers: the Fisher data of each layer.
-        vectors: one ``(out, in_dim)`` matrix per layer.
+        vectors: one ``(out, in_dim)`` matrix per layer, or its :class:`FactoredGradient`.
         damping: ``λ > 0``.
         block_diagonal: if True, ``F`` is replaced by its layer-diagonal blocks.
 
@@ -130,10 +200,10 @@ def damped_inverse_mv(
     if block_diagonal:
         results = []
         for layer, v in zip(layers, vectors):
-            w = cholesky_solve_damped(layer.gram(), layer.transpose_mv(v), damping)
-            results.append((v - layer.mv(w)) / damping)
+            w = cholesky_solve_damped(layer.gram(), _transpose_mv(layer, v), damping)
+            results.append(_subtract_mv(layer, v, w) / damping)
         return results
     gram = sum(layer.gram() for layer in layers)
-    projected = sum(layer.transpose_mv(v) for layer, v in zip(layers, vectors))
+    projected = sum(_transpose_mv(layer, v) for layer, v in zip(layers, vectors))
     w = cholesky_solve_damped(gram, projected, damping)
-    return [(v - layer.mv(w)) / damping for layer, v in zip(layers, vectors)]
+    return [_subtract_mv(layer, v, w) / damping for layer, v in zip(layers, vectors)]

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from foof import distributed
 from foof.capture import Capture, is_supported, warn_unsupported
 from foof.curvature.sampling import FisherSampler
+from foof.optim.fused import WeightGradientSkipper
 from foof.validation import check_choice, check_range
 
 NONFINITE_POLICIES = ("skip", "raise")
@@ -63,6 +64,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     and gives every parameter that no supported layer owns (BatchNorm, embeddings, ...) the same
     rule with ``D = ∇`` (plain SGD with momentum), after one warning naming those parameters.
 
+    With ``fused_backward=True`` autograd does not form the weight gradients ``Ĝ = EᵀA`` of the
+    preconditioned layers whose input requires grad (see :mod:`foof.optim.fused`): their
+    ``weight.grad`` stays ``None`` and the method computes its direction from the recorded
+    ``E`` and ``A`` (:meth:`precondition_factors`), the same update up to rounding. Nothing that
+    reads those gradients between backward and step (clipping, logging) sees them; biases and
+    unsupported layers keep their gradients. Not available under ``torch.distributed`` (DDP
+    reduces gradients, which would then not exist).
+
     All hyperparameters live in the single parameter group, so LR schedulers and manual edits
     of ``param_groups[0]`` work as with any torch optimizer. The step counter is
     ``param_groups[0]["step"]``; per-layer state (factors, inverses, momentum) is stored under
@@ -74,7 +83,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     #: the Fisher's extra backward pass, for methods that need one (KFAC, natural gradients).
     sampler: FisherSampler | None = None
 
-    def __init__(self, model: nn.Module, defaults: dict[str, Any]) -> None:
+    def __init__(
+        self, model: nn.Module, defaults: dict[str, Any], fused_backward: bool = False
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"{type(self).__name__} takes the model (an nn.Module), got "
@@ -100,11 +111,23 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._warned: set[str] = set()
         #: steps skipped because of non-finite values since construction.
         self.skipped_steps = 0
+        if fused_backward and distributed.is_distributed():
+            raise ValueError(
+                "fused_backward=True is not available under torch.distributed: DDP reduces the "
+                "weight gradients that the fused backward does not form"
+            )
+        self.fused_backward = bool(fused_backward)
+        self._probes: dict[nn.Module, Tensor] = {}
         self.capture = Capture(
             model,
-            record_inputs=self.wants_inputs,
+            record_inputs=lambda: self.fuses() or self.wants_inputs(),
             record_outputs=self.wants_outputs,
-            record_output_grads=self.wants_output_grads,
+            record_output_grads=lambda: self.fuses() or self.wants_output_grads(),
+        )
+        self._skipper = (
+            WeightGradientSkipper(self.layers.values(), active=self.fuses)
+            if self.fused_backward
+            else None
         )
 
     # -- what a method needs captured on the coming step (asked at forward time) --------------
@@ -112,6 +135,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def step_count(self) -> int:
         """Number of optimizer steps taken so far."""
         return self.param_groups[0]["step"]
+
+    def fuses(self) -> bool:
+        """Whether this step's backward skips the weight gradients (``fused_backward``)."""
+        return self.fused_backward and not distributed.is_distributed()
 
     def wants_inputs(self) -> bool:
         """Whether this step's forward should record layer inputs ``A``."""
@@ -133,6 +160,82 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def precondition(self, module: nn.Module, grad: Tensor, group: dict[str, Any]) -> Tensor:
         """Map the gradient matrix ``grad`` ``(out, in_dim)`` of ``module`` to its direction."""
         raise NotImplementedError
+
+    def precondition_factors(
+        self, module: nn.Module, output_grads: Tensor, rows: Tensor, group: dict[str, Any]
+    ) -> Tensor:
+        """The direction of a layer whose gradient was not formed: ``Ĝ = EᵀA`` is implicit.
+
+        Args:
+            module: the layer.
+            output_grads: ``E`` ``(rows, out)``, gradients of the loss w.r.t. its outputs.
+            rows: ``A`` ``(rows, in_dim)``, its input rows (bias column included).
+            group: the parameter group.
+
+        Returns:
+            ``(out, in_dim)``. By default ``Ĝ`` is formed and passed to :meth:`precondition`;
+            methods with a cheaper product on the factors override this.
+        """
+        return self.precondition(module, output_grads.T @ rows, group)
+
+    def layer_rows(self, module: nn.Module) -> Tensor | None:
+        """This step's input rows ``A`` ``(rows, in_dim)`` of ``module``, or None."""
+        return self.capture.inputs(module)
+
+    def gradient_factors(self, module: nn.Module) -> tuple[Tensor, Tensor] | None:
+        """``(E, A)`` of a layer whose weight gradient the fused backward skipped, else None.
+
+        ``E`` ``(rows, out)`` and ``A`` ``(rows, in_dim)`` with ``[∇W, ∇b] = EᵀA``. None when the
+        layer has a formed ``weight.grad`` or took no part in this step's loss.
+        """
+        if not self.fused_backward or module.weight.grad is not None:
+            return None
+        output_grads = self.capture.output_grads(module)
+        if output_grads is None:
+            return None
+        rows = self.layer_rows(module)
+        if rows is None or rows.shape[0] != output_grads.shape[0]:
+            raise RuntimeError(
+                f"{type(self).__name__}: the recorded inputs and output gradients of a layer "
+                "do not match; with fused_backward=True run each forward pass of the step with "
+                "autograd on and backpropagate it once"
+            )
+        return output_grads, rows
+
+    def gradient_is_product(
+        self, module: nn.Module, grad: Tensor, output_grads: Tensor, rows: Tensor
+    ) -> bool:
+        """Whether the formed gradient ``grad`` ``(out, in_dim)`` really is ``EᵀA``.
+
+        A gradient changed after backward (clipping, an L2 term added outside the layer output,
+        a second loss that was not recorded) is not; it is detected by comparing ``Ĝ r`` with
+        ``Eᵀ(A r)`` for a fixed random ``r`` (``out·in`` flops, a fraction of any product).
+        ``output_grads`` and ``rows`` are in the factors' dtype.
+        """
+        dtype = rows.dtype
+        in_dim, out = rows.shape[1], output_grads.shape[1]
+        probe = self._probes.get(module)
+        if probe is None or probe.shape[0] != in_dim or probe.dtype != dtype:
+            generator = torch.Generator(device="cpu").manual_seed(in_dim * 7919 + out)
+            probe = torch.randn(in_dim, generator=generator, dtype=dtype).to(rows.device)
+            self._probes[module] = probe
+        direct = grad.to(dtype) @ probe
+        factored = output_grads.T @ (rows @ probe)
+        tolerance = 1e-4 if dtype == torch.float32 else 1e-10
+        return torch.allclose(
+            direct, factored, rtol=tolerance, atol=tolerance * float(direct.abs().max())
+        )
+
+    def layer_gradient(self, module: nn.Module) -> Tensor | None:
+        """``Ĝ = [∇W, ∇b]`` ``(out, in_dim)``: ``weight.grad``, or ``EᵀA`` when it was skipped."""
+        grad = gradient_matrix(module)
+        if grad is not None:
+            return grad
+        factors = self.gradient_factors(module)
+        if factors is None:
+            return None
+        output_grads, rows = factors
+        return (output_grads.T @ rows).to(module.weight.dtype)
 
     # -- the shared part --------------------------------------------------------------------
     def backward(self, loss: Tensor, output: Tensor | None = None) -> None:
@@ -212,9 +315,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self.update_curvature(group)
             for _, module, state in self.layer_items():
                 grad = gradient_matrix(module)
-                if grad is None:
-                    continue
-                direction = self.precondition(module, grad, group)
+                if grad is not None:
+                    direction = self.precondition(module, grad, group)
+                else:
+                    factors = self.gradient_factors(module)
+                    if factors is None:
+                        continue
+                    direction = self.precondition_factors(module, *factors, group)
                 self._apply(state, [module.weight, module.bias], direction, group)
             for param in self.other_params:
                 if param.grad is not None:
@@ -238,6 +345,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     named.append((f"the {kind} gradient of layer {name!r}", param.grad))
             for inputs in self.capture.records[module].inputs:
                 named.append((f"the inputs of layer {name!r}", inputs))
+            if self.fused_backward and module.weight.grad is None:
+                for grads in self.capture.records[module].output_grads:
+                    named.append((f"the output gradients of layer {name!r}", grads))
         for index, param in enumerate(self.other_params):
             if param.grad is not None:
                 named.append((f"the gradient of unsupported parameter #{index}", param.grad))
@@ -338,6 +448,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def close(self) -> None:
         """Remove the hooks from the model. The optimizer can no longer capture afterwards."""
         self.capture.close()
+        if self._skipper is not None:
+            self._skipper.close()
 
     def __enter__(self) -> CurvatureOptimizer:
         return self

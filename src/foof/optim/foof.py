@@ -65,6 +65,11 @@ class FOOF(KroneckerFactoredOptimizer):
             and broadcasts ``P_l``. Without a process group both invert locally. Statistics are
             always reduced over ranks (see
             :class:`~foof.optim.kronecker.KroneckerFactoredOptimizer`).
+        fused_backward: skip autograd's weight-gradient GEMM of the preconditioned layers and
+            compute the direction from the recorded ``E`` and ``A`` (``Eᵀ(A P)``); the
+            same update up to rounding, one ``out·batch·in`` GEMM per layer cheaper. The skipped
+            layers' ``weight.grad`` stays ``None`` (see
+            :class:`~foof.optim.base.CurvatureOptimizer`); not under ``torch.distributed``.
         nonfinite: ``"skip"`` (default): a step whose loss, gradients or statistics hold a
             NaN/Inf changes nothing (parameters, momentum, statistics, step counter) and warns
             once per cause; ``"raise"``: raise :class:`foof.optim.base.NonFiniteError`.
@@ -101,6 +106,7 @@ class FOOF(KroneckerFactoredOptimizer):
         nonfinite: str = "skip",
         low_rank: bool = True,
         inverse_sharding: str = "replicated",
+        fused_backward: bool = False,
     ) -> None:
         super().__init__(
             model,
@@ -113,6 +119,7 @@ class FOOF(KroneckerFactoredOptimizer):
             weight_decay,
             low_rank,
             inverse_sharding,
+            fused_backward,
             nonfinite=nonfinite,
         )
 
@@ -147,16 +154,22 @@ class FOOF(KroneckerFactoredOptimizer):
 
     def precondition(self, module: nn.Module, grad: Tensor, group: dict[str, Any]) -> Tensor:
         """``D = Ĝ · P`` (paper eq. 6): ``(out, in_dim) @ (in_dim, in_dim)``, or ``Eᵀ(A P)``."""
-        state = self.state[module.weight]
         factors = self.low_rank_factors(module, grad, two_sided=False)
+        if factors is not None:
+            return self.precondition_rows(module, *factors, group).to(grad.dtype)
+        state = self.state[module.weight]
         cholesky = state.get("cholesky")
         if cholesky is not None:  # P Xᵀ = solve(Σ + λI, Xᵀ); P is symmetric, so (P Xᵀ)ᵀ = X P
-            if factors is not None:
-                output_grads, rows = factors
-                return (output_grads.T @ torch.cholesky_solve(rows.T, cholesky).T).to(grad.dtype)
             return torch.cholesky_solve(grad.to(cholesky.dtype).T, cholesky).T.to(grad.dtype)
         inverse = state["inverse"]
-        if factors is not None:
-            output_grads, rows = factors
-            return (output_grads.T @ (rows @ inverse)).to(grad.dtype)
         return (grad.to(inverse.dtype) @ inverse).to(grad.dtype)
+
+    def precondition_rows(
+        self, module: nn.Module, output_grads: Tensor, rows: Tensor, group: dict[str, Any]
+    ) -> Tensor:
+        """``D = Eᵀ(A P)`` (paper eq. 6 with ``Ĝ = EᵀA``): ``R·in² + out·R·in`` flops."""
+        state = self.state[module.weight]
+        cholesky = state.get("cholesky")
+        if cholesky is not None:
+            return output_grads.T @ torch.cholesky_solve(rows.T, cholesky).T
+        return output_grads.T @ (rows @ state["inverse"])

@@ -76,6 +76,11 @@ class KFAC(KroneckerFactoredOptimizer):
             :class:`~foof.optim.kronecker.KroneckerFactoredOptimizer`); with ``fisher="mc"``
             the labels are drawn for the gathered global batch, so ranks sample exactly what
             one process would (see :class:`~foof.curvature.sampling.FisherSampler`).
+        fused_backward: skip autograd's weight-gradient GEMM of the preconditioned layers and
+            compute the direction from the recorded ``E`` and ``A`` (``(E Ḡ⁻¹)ᵀ(A Ā⁻¹)``); the
+            same update up to rounding, one ``out·batch·in`` GEMM per layer cheaper. The
+            skipped layers' ``weight.grad`` stays ``None`` (see
+            :class:`~foof.optim.base.CurvatureOptimizer`); not under ``torch.distributed``.
         nonfinite: ``"skip"`` (default): a step whose loss, gradients or statistics hold a
             NaN/Inf changes nothing (parameters, momentum, statistics, step counter) and warns
             once per cause; ``"raise"``: raise :class:`foof.optim.base.NonFiniteError`.
@@ -117,6 +122,7 @@ class KFAC(KroneckerFactoredOptimizer):
         nonfinite: str = "skip",
         low_rank: bool = True,
         inverse_sharding: str = "replicated",
+        fused_backward: bool = False,
     ) -> None:
         check_choice("damping_mode", damping_mode, DAMPING_MODES)
         check_choice("fisher", fisher, FISHER_TYPES)
@@ -136,6 +142,7 @@ class KFAC(KroneckerFactoredOptimizer):
             weight_decay,
             low_rank,
             inverse_sharding,
+            fused_backward,
             damping_mode=damping_mode,
             fisher=fisher,
             likelihood=likelihood,
@@ -228,6 +235,23 @@ class KFAC(KroneckerFactoredOptimizer):
             return {"input_inverse": a, "gradient_inverse": g}
         return {"input_inverse": a}
 
+    def two_sided(self, group: dict[str, Any]) -> bool:
+        """Whether ``Ḡ⁻¹`` multiplies from the left (``second_factor``)."""
+        return bool(group["second_factor"])
+
+    def precondition_rows(
+        self, module: nn.Module, output_grads: Tensor, rows: Tensor, group: dict[str, Any]
+    ) -> Tensor | None:
+        """Heuristic damping on ``Ĝ = EᵀA``: ``(E Ḡ⁻¹)ᵀ (A Ā⁻¹)`` (Ḡ⁻¹ is symmetric).
+
+        None for standard damping, whose eigenbasis product needs ``Ĝ`` itself.
+        """
+        if group["damping_mode"] == "standard":
+            return None
+        state = self.state[module.weight]
+        left = output_grads @ state["gradient_inverse"] if group["second_factor"] else output_grads
+        return left.T @ (rows @ state["input_inverse"])
+
     def precondition(self, module: nn.Module, grad: Tensor, group: dict[str, Any]) -> Tensor:
         """Heuristic: ``(Ḡ+√λ/π I)⁻¹ Ĝ (Ā+π√λ I)⁻¹``; standard: ``mat((Ā⊗Ḡ+λI)⁻¹ vec Ĝ)``."""
         state = self.state[module.weight]
@@ -244,9 +268,7 @@ class KFAC(KroneckerFactoredOptimizer):
             two_sided = group["second_factor"]
             factors = self.low_rank_factors(module, grad, two_sided=two_sided)
             if factors is not None:
-                output_grads, rows = factors
-                left = output_grads @ state["gradient_inverse"] if two_sided else output_grads
-                direction = left.T @ (rows @ state["input_inverse"])
+                direction = self.precondition_rows(module, *factors, group)
             elif two_sided:
                 direction = state["gradient_inverse"] @ g @ state["input_inverse"]
             else:

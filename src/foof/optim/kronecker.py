@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from foof import distributed
 from foof.curvature.kronecker import gradient_covariance
-from foof.curvature.linalg import second_moment, update_ema_
+from foof.curvature.linalg import second_moment, update_ema_, update_second_moment_ema_
 from foof.optim.base import CurvatureOptimizer
 from foof.validation import check_choice, check_int, check_range
 
@@ -37,6 +37,22 @@ def is_stats_step(step: int, inv_every: int, stats_steps: int | None) -> bool:
         return True
     phase = step % inv_every
     return phase == 0 or phase > inv_every - stats_steps
+
+
+def low_rank_is_cheaper(
+    count: int, in_dim: int, out: int, two_sided: bool, gradient_formed: bool = True
+) -> bool:
+    """Whether a product with ``Ĝ = EᵀA`` (``count`` rows) needs fewer flops on ``E``, ``A``.
+
+    ``Eᵀ(A P)`` costs ``count·in² + out·count·in`` (plus ``count·out²`` for KFAC's left factor)
+    against ``out·in²`` (plus ``out²·in``) for ``Ĝ P``; when ``Ĝ`` has not been formed (fused
+    backward) the dense route also pays the ``out·count·in`` of forming it.
+    """
+    low_rank = count * (in_dim * in_dim + out * in_dim + (out * out if two_sided else 0))
+    dense = out * in_dim * (in_dim + (out if two_sided else 0))
+    if not gradient_formed:
+        dense += out * count * in_dim
+    return low_rank < dense
 
 
 def factor_dtype(param: Tensor) -> torch.dtype:
@@ -84,6 +100,7 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         weight_decay: float,
         low_rank: bool = True,
         inverse_sharding: str = "replicated",
+        fused_backward: bool = False,
         **extra: Any,
     ) -> None:
         check_range("damping", damping, 0.0)
@@ -104,10 +121,9 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
             inverse_sharding=inverse_sharding,
             **extra,
         )
-        super().__init__(model, defaults)
+        super().__init__(model, defaults, fused_backward=fused_backward)
         self.low_rank = bool(low_rank)
         self._step_rows: dict[nn.Module, Tensor | None] = {}
-        self._probes: dict[nn.Module, Tensor] = {}
         # Whether the low-rank product was cheaper for some layer when last evaluated (None:
         # not yet). When it was not (convolutions: rows = batch × positions), recording A and E
         # on every step is pure overhead, so it happens only on statistics steps, which also
@@ -172,28 +188,59 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         rows = self._step_rows.get(module)
         if output_grads is None or rows is None or rows.shape[0] != output_grads.shape[0]:
             return None
-        count, in_dim = rows.shape
-        out = output_grads.shape[1]
-        low_rank_cost = count * (in_dim * in_dim + out * in_dim + (out * out if two_sided else 0))
-        dense_cost = out * in_dim * (in_dim + (out if two_sided else 0))
-        self._cheaper_this_step[module] = low_rank_cost < dense_cost
-        if low_rank_cost >= dense_cost:
+        cheaper = low_rank_is_cheaper(
+            rows.shape[0], rows.shape[1], output_grads.shape[1], two_sided
+        )
+        self._cheaper_this_step[module] = cheaper
+        if not cheaper:
             return None
         dtype = factor_dtype(module.weight)
         output_grads, rows = output_grads.to(dtype), rows.to(dtype)
-        probe = self._probes.get(module)
-        if probe is None or probe.shape[0] != in_dim:
-            generator = torch.Generator(device="cpu").manual_seed(in_dim * 7919 + out)
-            probe = torch.randn(in_dim, generator=generator, dtype=dtype).to(rows.device)
-            self._probes[module] = probe
-        direct = grad.to(dtype) @ probe
-        factored = output_grads.T @ (rows @ probe)
-        tolerance = 1e-4 if dtype == torch.float32 else 1e-10
-        if not torch.allclose(
-            direct, factored, rtol=tolerance, atol=tolerance * float(direct.abs().max())
-        ):
+        if not self.gradient_is_product(module, grad, output_grads, rows):
             return None
         return output_grads, rows
+
+    def takes_part(self, module: nn.Module) -> bool:
+        """Whether ``module`` has a gradient this step (formed, or skipped by fused backward)."""
+        if module.weight.grad is not None:
+            return True
+        return self.fused_backward and bool(self.capture.records[module].output_grads)
+
+    def layer_rows(self, module: nn.Module) -> Tensor | None:
+        """This step's input rows ``A``, as gathered once by :meth:`update_curvature`."""
+        if module in self._step_rows:
+            return self._step_rows[module]
+        return super().layer_rows(module)
+
+    def two_sided(self, group: dict[str, Any]) -> bool:
+        """Whether the product also multiplies ``Ĝ`` from the left (KFAC's ``Ḡ⁻¹``)."""
+        return False
+
+    def precondition_rows(
+        self, module: nn.Module, output_grads: Tensor, rows: Tensor, group: dict[str, Any]
+    ) -> Tensor | None:
+        """The direction as a product on ``E`` ``(rows, out)`` and ``A`` ``(rows, in_dim)``.
+
+        Both in the factors' dtype. None when the method has no such form (the caller then
+        multiplies the formed ``Ĝ``).
+        """
+        return None
+
+    def precondition_factors(
+        self, module: nn.Module, output_grads: Tensor, rows: Tensor, group: dict[str, Any]
+    ) -> Tensor:
+        """Fused backward: ``Eᵀ(A P)``-style product, or ``Ĝ = EᵀA`` formed when cheaper."""
+        count, in_dim = rows.shape
+        out = output_grads.shape[1]
+        if low_rank_is_cheaper(count, in_dim, out, self.two_sided(group), gradient_formed=False):
+            dtype = factor_dtype(module.weight)
+            direction = self.precondition_rows(
+                module, output_grads.to(dtype), rows.to(dtype), group
+            )
+            if direction is not None:
+                return direction.to(module.weight.dtype)
+        grad = (output_grads.T @ rows).to(module.weight.dtype)
+        return self.precondition(module, grad, group)
 
     def gradient_rows(self) -> tuple[dict[nn.Module, Tensor], int]:
         """Per-layer ``(K, rows, out)`` output gradients for ``Ḡ`` and the batch size ``B``."""
@@ -221,10 +268,24 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         if self.uses_gradient_factor and stats_step:
             gradients, batch_size = self.gradient_rows()
         self._step_rows = {}
-        active = [item for item in self.layer_items() if item[1].weight.grad is not None]
+        active = [item for item in self.layer_items() if self.takes_part(item[1])]
         for _, module, _ in active:
             self._step_rows[module] = self.capture.inputs(module)
-        if stats_step:
+        if stats_step and not distributed.is_distributed():
+            # (1/R) Σ ā āᵀ straight into the EMA, one GEMM per factor (paper App. D.1)
+            for _, module, state in active:
+                dtype = factor_dtype(module.weight)
+                rows = self._step_rows[module]
+                if rows is not None:
+                    state["input_covariance"] = update_second_moment_ema_(
+                        state.get("input_covariance"), rows.to(dtype), rows.shape[0], decay
+                    )
+                if module in gradients:
+                    flat = gradients[module].reshape(-1, module.weight.shape[0]).to(dtype)
+                    state["gradient_covariance"] = update_second_moment_ema_(
+                        state.get("gradient_covariance"), flat, batch_size, decay
+                    )
+        elif stats_step:
             statistics = self.batch_statistics(active, gradients, batch_size)
             for _, module, state in active:
                 input_cov, gradient_cov = statistics[module]
@@ -255,9 +316,11 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         gradients: dict[nn.Module, Tensor],
         batch_size: int,
     ) -> dict[nn.Module, tuple[Tensor | None, Tensor | None]]:
-        """This step's ``(1/R) Σ ā āᵀ`` and ``Ḡ`` per layer, of the global batch if distributed.
+        """This step's ``(1/R) Σ ā āᵀ`` and ``Ḡ`` per layer, of the global batch.
 
-        A single process normalises its own rows (:func:`~foof.curvature.linalg.second_moment`,
+        A single process folds its own rows straight into the EMAs (see
+        :meth:`update_curvature`); without a process group this method normalises them per
+        layer (:func:`~foof.curvature.linalg.second_moment`,
         :func:`~foof.curvature.kronecker.gradient_covariance`). Under ``torch.distributed`` every
         rank contributes the unnormalised sums and their counts (rows for ``Ā``, samples ``B``
         for ``Ḡ``; zeros for a layer it has no data for) to one all-reduce and divides the

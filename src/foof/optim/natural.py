@@ -9,8 +9,12 @@ from torch import Tensor, nn
 
 from foof import distributed
 from foof.curvature.sampling import FISHER_TYPES, LIKELIHOODS, FisherSampler
-from foof.curvature.woodbury import LayerFisherData
-from foof.fisher import SubsampledFisher
+from foof.curvature.woodbury import (
+    FactoredGradient,
+    LayerFisherData,
+    damped_inverse_mv,
+    factored_projection_is_cheaper,
+)
 from foof.optim.base import CurvatureOptimizer, gradient_matrix
 from foof.validation import check_choice, check_int, check_range
 
@@ -57,6 +61,9 @@ class NaturalGradient(CurvatureOptimizer):
         weight_decay: decoupled weight decay.
         likelihood: ``"categorical"`` or ``"gaussian"``.
         seed: seed of the MC label generator (``None``: from torch's global RNG).
+        fused_backward: skip autograd's weight-gradient GEMM of the layers; ``∇L`` enters
+            the solve as ``EᵀA`` from the recorded ``E`` and ``A``. Their ``weight.grad`` stays
+            ``None`` (see :class:`~foof.optim.base.CurvatureOptimizer`).
         nonfinite: ``"skip"`` (default): a step whose loss, gradients or statistics hold a
             NaN/Inf changes nothing (parameters, momentum, statistics, step counter) and warns
             once per cause; ``"raise"``: raise :class:`foof.optim.base.NonFiniteError`.
@@ -89,6 +96,7 @@ class NaturalGradient(CurvatureOptimizer):
         likelihood: str = "categorical",
         seed: int | None = None,
         nonfinite: str = "skip",
+        fused_backward: bool = False,
     ) -> None:
         check_range("damping", damping, 0.0)
         if not damping > 0:
@@ -109,7 +117,7 @@ class NaturalGradient(CurvatureOptimizer):
             likelihood=likelihood,
             nonfinite=nonfinite,
         )
-        super().__init__(model, defaults)
+        super().__init__(model, defaults, fused_backward=fused_backward)
         self.sampler = FisherSampler(fisher, likelihood, seed)
         self._directions: dict[nn.Module, Tensor] = {}
 
@@ -119,16 +127,16 @@ class NaturalGradient(CurvatureOptimizer):
         return group["step"] % group["inv_every"] == 0
 
     def wants_inputs(self) -> bool:
-        """Record ``A`` on steps that refresh the Fisher batch."""
-        return self.is_refresh_step()
+        """Record ``A`` on every step: the Fisher batch, and the factors of ``∇L = EᵀA``."""
+        return True
 
     def wants_outputs(self) -> bool:
         """Keep layer outputs for the Fisher backward (mc/full) on refresh steps."""
         return self.param_groups[0]["fisher"] != "empirical" and self.is_refresh_step()
 
     def wants_output_grads(self) -> bool:
-        """Record the loss's output gradients (empirical Fisher) on refresh steps."""
-        return self.param_groups[0]["fisher"] == "empirical" and self.is_refresh_step()
+        """Record the loss's output gradients: the empirical Fisher, and ``∇L = EᵀA``."""
+        return True
 
     def backward(self, loss: Tensor, output: Tensor | None = None) -> None:
         """The Fisher's backward pass on refresh steps, then ``loss.backward()``.
@@ -195,17 +203,55 @@ class NaturalGradient(CurvatureOptimizer):
         if refresh and (not previous or not has_stored):
             self._store_current_batch()
         modules = [m for _, m, _ in self.layer_items()]
-        grads = [gradient_matrix(m, zero_if_missing=True) for m in modules]
         data = self.fisher_data()
-        fisher = SubsampledFisher.from_layer_data(
-            [m for m, _ in data], [d for _, d in data], group["block_diagonal"]
-        )
-        directions = fisher.inverse_mv_matrices(
-            [g.to(d.inputs.dtype) for g, (_, d) in zip(grads, data)], group["damping"]
+        current = refresh and not (previous and has_stored)  # the Fisher batch is this step's
+        vectors = [self._gradient(m, d, current) for m, (_, d) in zip(modules, data)]
+        directions = damped_inverse_mv(
+            [d for _, d in data], vectors, group["damping"], group["block_diagonal"]
         )
         self._directions = dict(zip(modules, directions))
         if refresh and previous and has_stored:
             self._store_current_batch()
+
+    def _gradient(
+        self, module: nn.Module, data: LayerFisherData, current_batch: bool
+    ) -> Tensor | FactoredGradient:
+        """``∇L`` of one layer for the solve: formed, or as ``E_LᵀA_L`` where that is cheaper.
+
+        The factored form (:class:`~foof.curvature.woodbury.FactoredGradient`) saves the
+        projection ``Gᵀ∇L`` (row Gram matrices instead of an ``out·in`` contraction per Fisher
+        column); a formed ``weight.grad`` is used only as the check that it equals ``EᵀA``.
+        When the Fisher batch is this step's own, ``A_L`` is the stored Fisher rows, so that the
+        final ``∇L − G w`` is a single GEMM.
+        """
+        dtype = data.inputs.dtype
+        grad = gradient_matrix(module)
+        factors = self.gradient_factors(module) if grad is None else self._loss_factors(module)
+        if factors is None or distributed.is_distributed():
+            if grad is None:
+                grad = gradient_matrix(module, zero_if_missing=True)
+            return grad.to(dtype)
+        output_grads, rows = factors[0].to(dtype), factors[1].to(dtype)
+        if grad is not None and not self.gradient_is_product(module, grad, output_grads, rows):
+            return grad.to(dtype)
+        if current_batch and rows.shape == data.inputs.shape:
+            rows = data.inputs
+        if not factored_projection_is_cheaper(data, rows.shape[0]):
+            return (output_grads.T @ rows) if grad is None else grad.to(dtype)
+        return FactoredGradient(output_grads, rows)
+
+    def _loss_factors(self, module: nn.Module) -> tuple[Tensor, Tensor] | None:
+        output_grads = self.capture.output_grads(module)
+        rows = self.capture.inputs(module)
+        if output_grads is None or rows is None or rows.shape[0] != output_grads.shape[0]:
+            return None
+        return output_grads, rows
+
+    def precondition_factors(
+        self, module: nn.Module, output_grads: Tensor, rows: Tensor, group: dict[str, Any]
+    ) -> Tensor:
+        """The layer's block of ``(λI + F)⁻¹ ∇L``, solved in :meth:`update_curvature`."""
+        return self._directions.pop(module).to(module.weight.dtype)
 
     def precondition(self, module: nn.Module, grad: Tensor, group: dict[str, Any]) -> Tensor:
         """The layer's block of ``(λI + F)⁻¹ ∇L`` computed in :meth:`update_curvature`."""
