@@ -224,19 +224,34 @@ def adam() -> Method:
     return registry_method("adam", "Adam", "adam")
 
 
-def foof(inv_every: int = 1, stats_steps: int | None = None) -> Method:
+FUSED_SUFFIX = ("-fused", ", fused backward")
+"""Key and label suffixes of a method run with ``fused_backward=True``."""
+
+
+def foof(inv_every: int = 1, stats_steps: int | None = None, fused: bool = False) -> Method:
     """FOOF with the given amortisation (lr 30, damping 100, ema_decay 0.95)."""
-    key, label = _amortised("foof", "FOOF", inv_every, stats_steps)
+    key, label = _amortised("foof", "FOOF", inv_every, stats_steps, fused)
     return registry_method(
-        key, label, "foof", inv_every, inv_every=inv_every, stats_steps=stats_steps
+        key,
+        label,
+        "foof",
+        inv_every,
+        inv_every=inv_every,
+        stats_steps=stats_steps,
+        **_fused_option(fused),
     )
 
 
 def kfac(
-    damping_mode: str = "heuristic", inv_every: int = 1, stats_steps: int | None = None
+    damping_mode: str = "heuristic",
+    inv_every: int = 1,
+    stats_steps: int | None = None,
+    fused: bool = False,
 ) -> Method:
     """KFAC with the MC Fisher (lr 0.3, damping 1; standard damping by eigendecomposition)."""
-    key, label = _amortised(f"kfac-{damping_mode}", f"KFAC {damping_mode}", inv_every, stats_steps)
+    key, label = _amortised(
+        f"kfac-{damping_mode}", f"KFAC {damping_mode}", inv_every, stats_steps, fused
+    )
     return registry_method(
         key,
         label,
@@ -245,22 +260,40 @@ def kfac(
         damping_mode=damping_mode,
         inv_every=inv_every,
         stats_steps=stats_steps,
+        **_fused_option(fused),
     )
 
 
-def natural(fisher: str = "mc", block_diagonal: bool = False) -> Method:
+def natural(fisher: str = "mc", block_diagonal: bool = False, fused: bool = False) -> Method:
     """Exact subsampled natural gradient through Woodbury (lr 1e-5, damping 1e-4)."""
     key = f"natural-{'block-' if block_diagonal else ''}{fisher}"
     label = f"NaturalGradient {fisher}" + (", block-diagonal" if block_diagonal else "")
-    return registry_method(key, label, "natural", fisher=fisher, block_diagonal=block_diagonal)
+    if fused:
+        key, label = key + FUSED_SUFFIX[0], label + FUSED_SUFFIX[1]
+    return registry_method(
+        key,
+        label,
+        "natural",
+        fisher=fisher,
+        block_diagonal=block_diagonal,
+        **_fused_option(fused),
+    )
 
 
-def _amortised(key: str, label: str, inv_every: int, stats_steps: int | None) -> tuple[str, str]:
+def _fused_option(fused: bool) -> dict[str, Any]:
+    return {"fused_backward": True} if fused else {}
+
+
+def _amortised(
+    key: str, label: str, inv_every: int, stats_steps: int | None, fused: bool = False
+) -> tuple[str, str]:
     key = f"{key}-{inv_every}" + (f"-s{stats_steps}" if stats_steps is not None else "")
     label = f"{label} (inv_every={inv_every}" + (
-        f", stats_steps={stats_steps})" if stats_steps is not None else ")"
+        f", stats_steps={stats_steps}" if stats_steps is not None else ""
     )
-    return key, label
+    if fused:
+        return key + FUSED_SUFFIX[0], label + FUSED_SUFFIX[1] + ")"
+    return key, label + ")"
 
 
 # -- peers -------------------------------------------------------------------------------
@@ -458,6 +491,12 @@ def mlp_methods(peers: bool = True) -> tuple[Method, ...]:
         natural("full"),
         natural("mc", block_diagonal=True),
         natural("empirical"),
+        foof(1, fused=True),
+        foof(100, fused=True),
+        foof(100, 10, fused=True),
+        kfac("heuristic", 1, fused=True),
+        kfac("heuristic", 100, fused=True),
+        natural("mc", fused=True),
     ]
     if peers:
         methods += [asdl_kfac(1), asdl_kfac(100), asdl_smw_empirical()]
@@ -490,6 +529,8 @@ def cnn_methods(peers: bool = True) -> tuple[Method, ...]:
         foof(1),
         kfac("heuristic", 1),
         natural("mc"),
+        foof(500, 10, fused=True),
+        kfac("heuristic", 500, 10, fused=True),
     ]
     if peers:
         methods += [asdl_kfac(500, 50), asdl_kfac(1)]
