@@ -151,3 +151,29 @@ def test_layers_where_low_rank_never_pays_are_not_recorded_between_statistics_st
         opt.backward(loss_fn(logits, ys), logits)
         opt.step()
     assert opt._low_rank_cheaper is True
+
+
+@pytest.mark.parametrize("low_rank", [True, False])
+@pytest.mark.parametrize("second_factor", [True, False])
+def test_kfac_cholesky_solves_equal_the_formed_inverses(second_factor, low_rank, monkeypatch):
+    # inv_every=1: KFAC keeps Cholesky factors and solves; forcing formed inverses must give
+    # the same update (float64, TOL)
+    x, y = batch()
+    moves = {}
+    for solves in (True, False):
+        if not solves:
+            monkeypatch.setattr(KFAC, "solves", staticmethod(lambda group: False))
+        model = wide_model()
+        opt = KFAC(
+            model,
+            lr=0.5,
+            damping=0.1,
+            fisher="full",
+            second_factor=second_factor,
+            low_rank=low_rank,
+        )
+        moves[solves] = step_moves(model, opt, x, y)
+        state = opt.state[model[0].weight]
+        assert ("input_cholesky" in state, "input_inverse" in state) == (solves, not solves)
+    for a, b in zip(moves[True], moves[False]):
+        torch.testing.assert_close(a, b, **TOL)
