@@ -40,9 +40,17 @@ RESULTS_FORMAT = "foof.bench/1"
 PEERS = {"asdl": "asdfghjkl"}
 """Optional peer libraries: import name to pip package."""
 
-PROFILED = ("foof-1", "kfac-heuristic-1", "foof-100-s10")
-"""Methods profiled: the every-step FOOF and KFAC, and FOOF's amortised steady state (the
-profiled steps after warm-up fall between its statistics windows)."""
+PROFILED = (
+    "foof-1",
+    "kfac-heuristic-1",
+    "foof-100-s10",
+    "foof-100-s10-fused",
+    "kfac-heuristic-100-fused",
+    "natural-mc-fused",
+)
+"""Methods profiled: the every-step FOOF and KFAC, FOOF's amortised steady state (the profiled
+steps after warm-up fall between its statistics windows), and the fused-backward variants of
+the targets that are closest to their limits."""
 """Optional peer libraries: import name to pip package."""
 
 
@@ -318,8 +326,9 @@ def _profiles(config: BenchConfig, device: torch.device, say: Callable[[str], No
 
 
 def target_methods() -> tuple:
-    """Adam (the reference), then SGD+momentum, FOOF at 1 and (100, 10), KFAC at 100."""
-    return adam(), (sgd(), foof(1), foof(100, 10), kfac("heuristic", 100))
+    """Adam (the reference), then SGD+momentum, FOOF at 1 and (100, 10) (also fused), KFAC."""
+    methods = (sgd(), foof(1), foof(100, 10), foof(100, 10, fused=True), kfac("heuristic", 100))
+    return adam(), methods
 
 
 def _time_to_target(config: BenchConfig, device: torch.device, say: Callable[[str], None]):
