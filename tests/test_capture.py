@@ -97,3 +97,19 @@ def test_supported_and_unsupported():
     )
     assert is_supported(model[0]) and not is_supported(model[2])
     assert set(unsupported_parameters(model)) == {"1.weight", "1.bias", "2.weight", "2.bias"}
+
+
+def test_rows_of_e_and_a_pair_up_under_gradient_accumulation():
+    # one backward per forward: E must come back in forward-call order, so that EᵀA is the
+    # accumulated weight gradient (float64, exact up to rounding)
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2).double()
+    with Capture(layer) as capture:
+        for n in (4, 1, 2):
+            layer(torch.randn(n, 3, dtype=torch.float64)).pow(2).sum().backward()
+        assert capture.calls_pair_up(layer)
+        gradient = capture.output_grads(layer).T @ capture.inputs(layer)
+        paired_e, paired_a = capture.paired_rows(layer)
+    expected = torch.cat([layer.weight.grad, layer.bias.grad.unsqueeze(1)], dim=1)
+    torch.testing.assert_close(gradient, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(paired_e.T @ paired_a, expected, rtol=1e-12, atol=1e-12)

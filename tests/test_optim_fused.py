@@ -187,3 +187,59 @@ def test_a_dropped_fused_optimizer_leaves_no_hooks():
     gc.collect()
     for layer in (model[0], model[2]):
         assert not layer._forward_pre_hooks and not layer._forward_hooks
+
+
+def _accumulated_step(fused, passes):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(30, 40), nn.Tanh(), nn.Linear(40, 35), nn.Tanh(), nn.Linear(35, 5)
+    ).double()
+    opt = FOOF(model, lr=0.1, damping=0.1, fused_backward=fused)
+    generator = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(n, 30, generator=generator, dtype=torch.float64), torch.arange(n) % 5)
+        for n in (4, 3)
+    ]
+    opt.zero_grad()
+    passes(model, batches)
+    opt.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _two_backward_passes(model, batches):
+    for x, y in batches:
+        nn.functional.cross_entropy(model(x), y).backward()
+
+
+def _one_graph_two_calls(model, batches):
+    sum(nn.functional.cross_entropy(model(x), y) for x, y in batches).backward()
+
+
+def _extra_forward_without_backward(model, batches):
+    (x, y), (other, _) = batches
+    model(other)  # e.g. a metric computed in train mode with autograd on: never backpropagated
+    nn.functional.cross_entropy(model(x), y).backward()
+
+
+def _output_backpropagated_twice(model, batches):
+    x, y = batches[0]
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward(retain_graph=True)
+    (0.5 * loss).backward()
+
+
+@pytest.mark.parametrize(
+    "passes",
+    [
+        _two_backward_passes,
+        _one_graph_two_calls,
+        _extra_forward_without_backward,
+        _output_backpropagated_twice,
+    ],
+)
+def test_fused_rows_pair_up_call_by_call(passes):
+    # E and A must pair row for row whatever order the backward passes ran in; the plain
+    # optimizer (autograd's own gradient) is the reference
+    torch.testing.assert_close(
+        _accumulated_step(True, passes), _accumulated_step(False, passes), **TOL
+    )

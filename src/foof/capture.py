@@ -88,17 +88,28 @@ class LayerRecord:
             method can backpropagate extra losses (sampled labels) to them.
         output_grads: gradients of the backpropagated loss w.r.t. the outputs, one per forward
             call (in backward order).
+        input_calls, output_grad_calls: the forward call (counted from 0 since the last clear)
+            each entry of ``inputs`` / ``output_grads`` belongs to, so that rows of ``A`` and
+            ``E`` pair up whatever order the backward passes ran in (gradient accumulation runs
+            one backward per forward, a module used twice is backpropagated last call first).
+        calls: forward calls recorded since the last clear.
     """
 
     inputs: list[Tensor] = field(default_factory=list)
     outputs: list[Tensor] = field(default_factory=list)
     output_grads: list[Tensor] = field(default_factory=list)
+    input_calls: list[int] = field(default_factory=list)
+    output_grad_calls: list[int] = field(default_factory=list)
+    calls: int = 0
 
     def clear(self) -> None:
         """Drop every recorded tensor."""
         self.inputs.clear()
         self.outputs.clear()
         self.output_grads.clear()
+        self.input_calls.clear()
+        self.output_grad_calls.clear()
+        self.calls = 0
 
 
 class Capture:
@@ -163,8 +174,11 @@ class Capture:
         if not (torch.is_grad_enabled() and output.requires_grad):
             return
         record = self.records[module]
+        call = record.calls
+        record.calls += 1
         if self._record_inputs():
             record.inputs.append(args[0].detach())
+            record.input_calls.append(call)
         if self._record_outputs():
             record.outputs.append(output)
         if self._record_output_grads():
@@ -179,6 +193,7 @@ class Capture:
                 capture, kept = capture_ref(), record_ref()
                 if capture is not None and kept is not None and not capture._grads_paused:
                     kept.output_grads.append(grad.detach())
+                    kept.output_grad_calls.append(call)
 
             output.register_hook(grad_hook)
 
@@ -205,12 +220,49 @@ class Capture:
         return rows[0] if len(rows) == 1 else torch.cat(rows)
 
     def output_grads(self, module: nn.Module) -> Tensor | None:
-        """All recorded output-gradient rows ``E`` of ``module``: ``(rows, out_dim)``, or None."""
-        parts = self.records[module].output_grads
-        if not parts:
+        """All recorded output-gradient rows ``E`` of ``module``: ``(rows, out_dim)``, or None.
+
+        In forward-call order, so that they line up with :meth:`inputs` when every recorded
+        call was backpropagated once.
+        """
+        record = self.records[module]
+        if not record.output_grads:
             return None
-        rows = [output_rows(module, g) for g in reversed(parts)]  # backward runs last call first
+        order = sorted(range(len(record.output_grads)), key=record.output_grad_calls.__getitem__)
+        rows = [output_rows(module, record.output_grads[i]) for i in order]
         return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+    def calls_pair_up(self, module: nn.Module) -> bool:
+        """Whether every recorded call has its input and exactly one output gradient.
+
+        Then :meth:`output_grads` and :meth:`inputs` line up row for row.
+        """
+        record = self.records[module]
+        return sorted(record.output_grad_calls) == record.input_calls
+
+    def paired_rows(self, module: nn.Module) -> tuple[Tensor, Tensor] | None:
+        """``(E, A)`` of the forward calls that have both an input and an output gradient.
+
+        ``E`` ``(rows, out_dim)`` and ``A`` ``(rows, in_dim)``, row ``r`` of both from the same
+        call and position, so that ``EᵀA`` is the layer's gradient ``[∇W, ∇b]`` of the
+        backpropagated losses; calls whose output received no gradient are left out (they add
+        nothing to it). None if no call has both.
+        """
+        record = self.records[module]
+        grads: dict[int, Tensor] = {}
+        for call, grad in zip(record.output_grad_calls, record.output_grads):
+            # an output backpropagated twice (retain_graph) contributes the sum of both
+            grads[call] = grad if call not in grads else grads[call] + grad
+        pairs = [
+            (output_rows(module, grads[call]), input_rows(module, x))
+            for call, x in zip(record.input_calls, record.inputs)
+            if call in grads
+        ]
+        if not pairs:
+            return None
+        if len(pairs) == 1:
+            return pairs[0]
+        return torch.cat([e for e, _ in pairs]), torch.cat([a for _, a in pairs])
 
     def num_forward_calls(self, module: nn.Module) -> int:
         """How many recorded forward calls ``module`` had since the last clear."""

@@ -193,13 +193,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         output_grads = self.capture.output_grads(module)
         if output_grads is None:
             return None
+        if not self.capture.calls_pair_up(module):
+            # a forward call not backpropagated, or backpropagated twice: pair call by call
+            return self.capture.paired_rows(module)
         rows = self.layer_rows(module)
-        if rows is None or rows.shape[0] != output_grads.shape[0]:
-            raise RuntimeError(
-                f"{type(self).__name__}: the recorded inputs and output gradients of a layer "
-                "do not match; with fused_backward=True run each forward pass of the step with "
-                "autograd on and backpropagate it once"
-            )
+        if rows is None:
+            return None
         return output_grads, rows
 
     def gradient_is_product(
