@@ -148,17 +148,22 @@ def _transpose_mv_factored(layer: LayerFisherData, grad: FactoredGradient) -> Te
     return per_row.reshape(-1) / layer.batch_size**0.5
 
 
-def _subtract_mv(layer: LayerFisherData, vector: Tensor | FactoredGradient, weights: Tensor):
-    """``v − G_l w`` ``(out, in_dim)``; for a factored ``v`` one GEMM on stacked rows."""
+def _subtract_mv(
+    layer: LayerFisherData, vector: Tensor | FactoredGradient, weights: Tensor, scale: float
+) -> Tensor:
+    """``(v − G_l w)·scale`` ``(out, in_dim)``; for a factored ``v`` one GEMM on stacked rows.
+
+    The scale is applied to the ``(rows, out)`` factor, not to the ``(out, in_dim)`` result.
+    """
     if isinstance(vector, Tensor):
-        return vector - layer.mv(weights)
+        return (vector - layer.mv(weights)).mul_(scale)
     k, rows, out = layer.output_grads.shape
     e = layer.output_grads.reshape(k, layer.batch_size, layer.positions, out)
     weighted = (e * weights.reshape(k, layer.batch_size, 1, 1)).sum(0).reshape(rows, out)
     weighted = weighted / layer.batch_size**0.5
     if vector.inputs is layer.inputs:  # the loss's batch is the Fisher batch: shared rows
-        return (vector.output_grads - weighted).T @ layer.inputs
-    stacked = torch.cat([vector.output_grads, -weighted])
+        return ((vector.output_grads - weighted).mul_(scale)).T @ layer.inputs
+    stacked = torch.cat([vector.output_grads, -weighted]).mul_(scale)
     return stacked.T @ torch.cat([vector.inputs, layer.inputs])
 
 
@@ -201,9 +206,9 @@ def damped_inverse_mv(
         results = []
         for layer, v in zip(layers, vectors):
             w = cholesky_solve_damped(layer.gram(), _transpose_mv(layer, v), damping)
-            results.append(_subtract_mv(layer, v, w) / damping)
+            results.append(_subtract_mv(layer, v, w, 1.0 / damping))
         return results
     gram = sum(layer.gram() for layer in layers)
     projected = sum(_transpose_mv(layer, v) for layer, v in zip(layers, vectors))
     w = cholesky_solve_damped(gram, projected, damping)
-    return [_subtract_mv(layer, v, w) / damping for layer, v in zip(layers, vectors)]
+    return [_subtract_mv(layer, v, w, 1.0 / damping) for layer, v in zip(layers, vectors)]

@@ -65,7 +65,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     rule with ``D = ∇`` (plain SGD with momentum), after one warning naming those parameters.
 
     With ``fused_backward=True`` autograd does not form the weight gradients ``Ĝ = EᵀA`` of the
-    preconditioned layers whose input requires grad (see :mod:`foof.optim.fused`): their
+    preconditioned Linear layers whose input requires grad (see :mod:`foof.optim.fused`;
+    convolutions keep autograd's weight-gradient kernel, which beats forming ``EᵀA`` from
+    unfolded patches on every step): their
     ``weight.grad`` stays ``None`` and the method computes its direction from the recorded
     ``E`` and ``A`` (:meth:`precondition_factors`), the same update up to rounding. Nothing that
     reads those gradients between backward and step (clipping, logging) sees them; biases and
@@ -125,7 +127,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             record_output_grads=lambda: self.fuses() or self.wants_output_grads(),
         )
         self._skipper = (
-            WeightGradientSkipper(self.layers.values(), active=self.fuses)
+            WeightGradientSkipper(
+                [m for m in self.layers.values() if isinstance(m, nn.Linear)], active=self.fuses
+            )
             if self.fused_backward
             else None
         )
