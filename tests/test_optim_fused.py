@@ -89,9 +89,9 @@ def test_fused_backward_gives_the_same_updates(method, model_name):
     for a, b in zip(plain.parameters(), fused.parameters()):
         torch.testing.assert_close(a, b, **TOL)
     assert not any(any(s) for s in skipped_plain)
-    # every Linear layer but the first (whose input, the data, needs no gradient) skips its
-    # weight gradient on every step; convolutions keep autograd's
-    expected = [isinstance(m, nn.Linear) and i > 0 for i, m in enumerate(fused_layers(fused))]
+    # every Linear layer skips its weight gradient on every step (the first one too: its
+    # output is re-attached to the graph so that E reaches it); convolutions keep autograd's
+    expected = [isinstance(m, nn.Linear) for m in fused_layers(fused)]
     assert skipped_fused == [expected] * 3
     assert all(p.requires_grad for p in fused.parameters())
 
@@ -111,7 +111,8 @@ def test_biases_keep_their_gradients_and_eval_passes_are_untouched():
     x, y = batch()
     opt = FOOF(model, lr=0.1, damping=0.1, fused_backward=True)
     nn.functional.cross_entropy(model(x), y).backward()
-    assert model[0].bias.grad is not None and model[2].weight.grad is None
+    assert model[0].bias.grad is not None  # model[2] has no bias
+    assert model[0].weight.grad is None and model[2].weight.grad is None
     opt.zero_grad()
     model.eval()  # evaluation mode: nothing is skipped, gradients are formed as usual
     nn.functional.cross_entropy(model(x), y).backward()
@@ -248,3 +249,20 @@ def test_fused_rows_pair_up_call_by_call(passes):
     torch.testing.assert_close(
         _accumulated_step(True, passes), _accumulated_step(False, passes), **TOL
     )
+
+
+def test_a_first_layer_without_bias_still_receives_its_output_gradient():
+    # input (the data) and weight out of the graph, no bias: the output is re-attached, E is
+    # recorded, and nothing but the leaf anchor is created (no input gradient for the data)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 40, bias=False), nn.Tanh(), nn.Linear(40, 5)).double()
+    x, _ = batch()
+    opt = FOOF(model, lr=0.1, damping=0.1, fused_backward=True)
+    output = model[0](x)
+    assert output.requires_grad and model[0].weight.requires_grad
+    model(x).sum().backward()
+    assert model[0].weight.grad is None and x.grad is None
+    # the first, standalone call was never backpropagated: E of the second call only
+    assert opt.capture.output_grads(model[0]).shape == (4, 40)
+    output_grads, rows = opt.gradient_factors(model[0])
+    assert output_grads.shape == (4, 40) and rows.shape == (4, 30)

@@ -10,9 +10,10 @@ wasted work: for the paper's MLP at batch 100 it is a third of SGD's own step.
 layer's forward call, so the autograd graph of that call has no edge to the weight and the
 backward pass computes only the input gradient (and the bias gradient, which is cheap). It is
 switched back on right after the call, also when the call raises, so outside the layer's own
-forward the parameter looks untouched. Only calls whose input requires grad are changed: for the
-first layer (input = data) skipping the weight would leave nothing to backpropagate through,
-so its gradient is formed as usual.
+forward the parameter looks untouched. For the first layer (input = data, no bias) the output
+would then not require grad at all and no output gradient would reach it; there the output is
+passed through an identity autograd function tied to a constant that requires grad, so that ``E``
+still arrives (and nothing, not even the input gradient, is computed for the layer itself).
 """
 
 from __future__ import annotations
@@ -24,14 +25,27 @@ import torch
 from torch import nn
 
 
+class _Reattach(torch.autograd.Function):
+    """Identity whose output requires grad (through ``anchor``); backward passes nothing on."""
+
+    @staticmethod
+    def forward(ctx: object, output: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> tuple[None, None]:
+        return None, None
+
+
 class WeightGradientSkipper:
     """Forward hooks that stop autograd from computing the weight gradients of ``modules``.
 
     On a forward call of a hooked module with ``active()`` true, the module in training mode,
-    autograd enabled, ``weight.requires_grad`` true and an input that requires grad, the weight
-    is detached from the graph of that call: ``weight.grad`` stays ``None`` after backward while
-    the output gradient ``E`` still flows (and can be recorded by :class:`foof.capture.Capture`)
-    and the bias still gets its gradient.
+    autograd enabled and ``weight.requires_grad`` true, the weight is detached from the graph of
+    that call: ``weight.grad`` stays ``None`` after backward while the output gradient ``E``
+    still flows (and can be recorded by :class:`foof.capture.Capture`, whose hook runs after
+    this one) and the bias still gets its gradient. An output that would no longer require grad
+    (no input, weight or bias in the graph) is re-attached through an identity function.
 
     Args:
         modules: layers with a ``weight`` (``nn.Linear``, ``nn.Conv2d``).
@@ -51,15 +65,19 @@ class WeightGradientSkipper:
             if skipper is not None:
                 skipper._before(module, args)
 
-        def after(module: nn.Module, args: tuple, output: object) -> None:
+        def after(module: nn.Module, args: tuple, output: object) -> object:
             skipper = self_ref()
             if skipper is not None:
-                skipper._after(module)
+                return skipper._after(module, output)
+            return None
 
+        # constant leaves that require grad, one per device and dtype; they never get a gradient
+        self._anchors: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         handles = []
         for module in modules:
             handles.append(module.register_forward_pre_hook(before))
-            handles.append(module.register_forward_hook(after, always_call=True))
+            # prepended: the capture's own forward hook must see the re-attached output
+            handles.append(module.register_forward_hook(after, always_call=True, prepend=True))
         self._finalizer = weakref.finalize(self, _remove, handles)
 
     def _before(self, module: nn.Module, args: tuple) -> None:
@@ -70,17 +88,25 @@ class WeightGradientSkipper:
             and torch.is_grad_enabled()
             and args
             and isinstance(args[0], torch.Tensor)
-            and args[0].requires_grad
             and self._active()
         ):
             return
         weight.requires_grad_(False)
         self._skipped.add(module)
 
-    def _after(self, module: nn.Module) -> None:
-        if module in self._skipped:
-            self._skipped.discard(module)
-            module.weight.requires_grad_(True)
+    def _after(self, module: nn.Module, output: object) -> object:
+        if module not in self._skipped:
+            return None
+        self._skipped.discard(module)
+        module.weight.requires_grad_(True)
+        if isinstance(output, torch.Tensor) and not output.requires_grad:
+            key = (output.device, output.dtype)
+            anchor = self._anchors.get(key)
+            if anchor is None:
+                anchor = torch.zeros((), device=output.device, dtype=output.dtype)
+                anchor = self._anchors[key] = anchor.requires_grad_()
+            return _Reattach.apply(output, anchor)
+        return None
 
     def close(self) -> None:
         """Remove the hooks. Safe to call twice."""
