@@ -184,15 +184,20 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         """
         if not self.uses_low_rank():
             return None
-        output_grads = self.capture.output_grads(module)
-        rows = self._step_rows.get(module)
-        if output_grads is None or rows is None or rows.shape[0] != output_grads.shape[0]:
+        # decide from shapes before materialising anything: for a convolution the rows
+        # (unfolded patches) cost more to build than the dense product they would replace
+        recorded = self.capture.records[module].output_grads
+        if not recorded:
             return None
-        cheaper = low_rank_is_cheaper(
-            rows.shape[0], rows.shape[1], output_grads.shape[1], two_sided
-        )
+        out = module.weight.shape[0]
+        count = sum(g.numel() for g in recorded) // out
+        in_dim = module.weight[0].numel() + (module.bias is not None)
+        cheaper = low_rank_is_cheaper(count, in_dim, out, two_sided)
         self._cheaper_this_step[module] = cheaper
         if not cheaper:
+            return None
+        output_grads, rows = self.capture.output_grads(module), self.layer_rows(module)
+        if output_grads is None or rows is None or rows.shape[0] != output_grads.shape[0]:
             return None
         dtype = factor_dtype(module.weight)
         output_grads, rows = output_grads.to(dtype), rows.to(dtype)
@@ -207,10 +212,10 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         return self.fused_backward and bool(self.capture.records[module].output_grads)
 
     def layer_rows(self, module: nn.Module) -> Tensor | None:
-        """This step's input rows ``A``, as gathered once by :meth:`update_curvature`."""
-        if module in self._step_rows:
-            return self._step_rows[module]
-        return super().layer_rows(module)
+        """This step's input rows ``A``, built at most once per step and only when used."""
+        if module not in self._step_rows:
+            self._step_rows[module] = super().layer_rows(module)
+        return self._step_rows[module]
 
     def two_sided(self, group: dict[str, Any]) -> bool:
         """Whether the product also multiplies ``Ĝ`` from the left (KFAC's ``Ḡ⁻¹``)."""
@@ -269,13 +274,11 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
             gradients, batch_size = self.gradient_rows()
         self._step_rows = {}
         active = [item for item in self.layer_items() if self.takes_part(item[1])]
-        for _, module, _ in active:
-            self._step_rows[module] = self.capture.inputs(module)
         if stats_step and not distributed.is_distributed():
             # (1/R) Σ ā āᵀ straight into the EMA, one GEMM per factor (paper App. D.1)
             for _, module, state in active:
                 dtype = factor_dtype(module.weight)
-                rows = self._step_rows[module]
+                rows = self.layer_rows(module)
                 if rows is not None:
                     state["input_covariance"] = update_second_moment_ema_(
                         state.get("input_covariance"), rows.to(dtype), rows.shape[0], decay
@@ -334,7 +337,7 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
             statistics = {}
             for _, module, _ in layers:
                 dtype = factor_dtype(module.weight)
-                rows = self._step_rows[module]
+                rows = self.layer_rows(module)
                 statistics[module] = (
                     None if rows is None else second_moment(rows, dtype),
                     gradient_covariance(gradients[module], batch_size, dtype)
@@ -348,7 +351,7 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
             weight = module.weight
             dtype = factor_dtype(weight)
             in_dim = weight[0].numel() + (module.bias is not None)
-            rows = self._step_rows[module]
+            rows = self.layer_rows(module)
             if rows is None:
                 input_sum = weight.new_zeros(in_dim, in_dim, dtype=dtype)
                 input_count = 0
