@@ -12,6 +12,7 @@ import pytest
 from foof.benchmarks import BenchConfig, TargetConfig, Workload, run_benchmark
 from foof.benchmarks.command import config_from_args
 from foof.benchmarks.methods import BASELINE, asdl_kfac, cnn_methods, mlp_methods
+from foof.benchmarks.runner import PROFILED
 from foof.benchmarks.timing import planned_steps, time_workload
 from foof.cli import build_parser, main
 
@@ -80,11 +81,7 @@ def test_machine_notes_targets_profiles_and_time_to_target(results):
     assert {"cpu", "cores", "threads", "torch", "peers"} <= set(machine)
     assert len(data["targets"]) == 10
     assert all(t["met"] in (True, False, None) for t in data["targets"])
-    assert [p["method"] for p in data["profiles"]["methods"]] == [
-        "foof-1",
-        "kfac-heuristic-1",
-        "foof-100-s10",
-    ]
+    assert [p["method"] for p in data["profiles"]["methods"]] == list(PROFILED)
     assert all(p["ops"] and p["python"] for p in data["profiles"]["methods"])
     section = data["time_to_target"]
     assert section["target_loss"] is not None
