@@ -88,7 +88,7 @@ def _curves(plt, figure: FigureResults):
             curves = [_loss_curve(r) for r in results]
             epochs = max((c[0] for c in curves), key=len)
             _band(ax, epochs, [c[1] for c in curves], run["legend"])
-        ax.set_yscale("log")
+        _log_scale(ax, "y")
         ax.set_xlabel("epoch")
         ax.set_ylabel("training loss")
         if group:
@@ -131,12 +131,26 @@ def _sweep(plt, figure: FigureResults):
         errors = [s.std if math.isfinite(s.mean) else 0 for _, s in points]
         ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=name)
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    _log_scale(ax, "y")
     ax.set_xlabel("damping λ")
     ax.set_ylabel(metric_name(metric) + " (best lr per λ)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     return fig
+
+
+def _log_scale(ax, axis: str) -> None:
+    """Log scale on ``axis`` if the plotted data has a finite positive value, else linear.
+
+    A panel whose every run diverged (or has no point yet) has nothing a log axis can show,
+    and matplotlib refuses to lay it out.
+    """
+    data = [
+        np.asarray(line.get_ydata() if axis == "y" else line.get_xdata(), dtype=float)
+        for line in ax.get_lines()
+    ]
+    if any(np.any(np.isfinite(d) & (d > 0)) for d in data):
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
 
 
 def _smooth(values: np.ndarray, width: int) -> np.ndarray:
