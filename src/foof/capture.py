@@ -71,6 +71,11 @@ def input_rows(module: nn.Module, inputs: Tensor) -> Tensor:
     return rows
 
 
+def layer_in_dim(module: nn.Module) -> int:
+    """Columns of the layer's rows ``ā``: ``in_features`` or ``C_in·kh·kw``, plus 1 for a bias."""
+    return module.weight[0].numel() + (module.bias is not None)
+
+
 def output_rows(module: nn.Module, output_grads: Tensor) -> Tensor:
     """Reshape gradients w.r.t. a layer's output into rows ``(rows, out_dim)`` matching ``A``."""
     if isinstance(module, nn.Conv2d):

@@ -30,7 +30,7 @@ from foof.benchmarks.profiling import profile_method
 from foof.benchmarks.report import evaluate_targets, to_markdown
 from foof.benchmarks.target import TargetConfig, time_to_target
 from foof.benchmarks.timing import MethodRun, measure_memory, ratios, summarize, time_workload
-from foof.capture import is_supported
+from foof.capture import is_supported, layer_in_dim
 from foof.data import DataError, load_dataset
 from foof.io import atomic_open, write_json_atomic
 
@@ -281,12 +281,7 @@ def workload_entry(workload: Workload, runs: list[MethodRun]) -> dict[str, Any]:
 
 def sum_in_dim_squared(model: nn.Module) -> int:
     """``Σ_l in_dim_l²`` over preconditioned layers: the floats of one set of FOOF factors."""
-    total = 0
-    for module in model.modules():
-        if is_supported(module):
-            in_dim = module.weight[0].numel() + (module.bias is not None)
-            total += in_dim**2
-    return total
+    return sum(layer_in_dim(m) ** 2 for m in model.modules() if is_supported(m))
 
 
 def machine_notes(device: torch.device) -> dict[str, Any]:

@@ -19,12 +19,6 @@ from torch import Tensor
 from foof.curvature.linalg import damped_inverse
 
 
-def gradient_covariance(output_grads: Tensor, batch_size: int, dtype: torch.dtype) -> Tensor:
-    """``Ḡ = (1/B) Σ_k Σ_r e_{k,r} e_{k,r}ᵀ`` from ``(K, rows, out)`` gradients → ``(out, out)``."""
-    flat = output_grads.reshape(-1, output_grads.shape[-1]).to(dtype)
-    return (flat.T @ flat).div_(batch_size)
-
-
 def pi_factor(input_covariance: Tensor, gradient_covariance: Tensor) -> float:
     """Heuristic damping's ``π = sqrt((tr Ā / dim Ā) / (tr Ḡ / dim Ḡ))`` (paper Sec. 2.3).
 

@@ -119,10 +119,6 @@ class FactoredGradient:
     output_grads: Tensor
     inputs: Tensor
 
-    def dense(self) -> Tensor:
-        """``EᵀA`` formed."""
-        return self.output_grads.T @ self.inputs
-
 
 def factored_projection_is_cheaper(layer: LayerFisherData, rows: int) -> bool:
     """Whether ``G_lᵀ (EᵀA)`` on row Gram matrices beats forming ``EᵀA`` and projecting it.

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from foof import distributed
-from foof.capture import Capture, is_supported, warn_unsupported
+from foof.capture import Capture, is_supported, layer_in_dim, warn_unsupported
 from foof.curvature.sampling import FisherSampler
 from foof.optim.fused import WeightGradientSkipper
 from foof.validation import check_choice, check_range
@@ -186,16 +186,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """This step's input rows ``A`` ``(rows, in_dim)`` of ``module``, or None."""
         return self.capture.inputs(module)
 
-    def gradient_factors(self, module: nn.Module) -> tuple[Tensor, Tensor] | None:
-        """``(E, A)`` of a layer whose weight gradient the fused backward skipped, else None.
+    def recorded_factors(self, module: nn.Module) -> tuple[Tensor, Tensor] | None:
+        """This step's recorded ``(E, A)`` of ``module``, paired row for row, or None.
 
-        ``E`` ``(rows, out)`` and ``A`` ``(rows, in_dim)`` with ``[∇W, ∇b] = EᵀA``. None when the
-        layer has a formed ``weight.grad`` or took no part in this step's loss.
+        ``E`` ``(rows, out)`` and ``A`` ``(rows, in_dim)`` with ``EᵀA`` the layer's gradient
+        ``[∇W, ∇b]`` of the backpropagated losses. None when no output gradient was recorded.
         """
-        if not self.fused_backward or module.weight.grad is not None:
-            return None
-        output_grads = self.capture.output_grads(module)
-        if output_grads is None:
+        if not self.capture.records[module].output_grads:
             return None
         if not self.capture.calls_pair_up(module):
             # a forward call not backpropagated, or backpropagated twice: pair call by call
@@ -203,7 +200,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         rows = self.layer_rows(module)
         if rows is None:
             return None
-        return output_grads, rows
+        return self.capture.output_grads(module), rows
+
+    def gradient_factors(self, module: nn.Module) -> tuple[Tensor, Tensor] | None:
+        """``(E, A)`` of a layer whose weight gradient the fused backward skipped, else None.
+
+        See :meth:`recorded_factors`. None when the layer has a formed ``weight.grad`` or took no
+        part in this step's loss.
+        """
+        if not self.fused_backward or module.weight.grad is not None:
+            return None
+        return self.recorded_factors(module)
 
     def gradient_is_product(
         self, module: nn.Module, grad: Tensor, output_grads: Tensor, rows: Tensor
@@ -228,17 +235,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return torch.allclose(
             direct, factored, rtol=tolerance, atol=tolerance * float(direct.abs().max())
         )
-
-    def layer_gradient(self, module: nn.Module) -> Tensor | None:
-        """``Ĝ = [∇W, ∇b]`` ``(out, in_dim)``: ``weight.grad``, or ``EᵀA`` when it was skipped."""
-        grad = gradient_matrix(module)
-        if grad is not None:
-            return grad
-        factors = self.gradient_factors(module)
-        if factors is None:
-            return None
-        output_grads, rows = factors
-        return (output_grads.T @ rows).to(module.weight.dtype)
 
     # -- the shared part --------------------------------------------------------------------
     def backward(self, loss: Tensor, output: Tensor | None = None) -> None:
@@ -268,8 +264,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """Each preconditioned layer's gradient-matrix shape ``[out, in_dim]``, by name."""
         signature = {}
         for name, module in self.layers.items():
-            in_dim = module.weight[0].numel() + (module.bias is not None)
-            signature[name] = [module.weight.shape[0], in_dim]
+            signature[name] = [module.weight.shape[0], layer_in_dim(module)]
         return signature
 
     def _check_compatible(self, state_dict: dict[str, Any]) -> None:

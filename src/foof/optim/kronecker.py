@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from foof import distributed
-from foof.curvature.kronecker import gradient_covariance
-from foof.curvature.linalg import second_moment, update_ema_, update_second_moment_ema_
+from foof.capture import layer_in_dim
+from foof.curvature.linalg import update_ema_, update_second_moment_ema_
 from foof.optim.base import CurvatureOptimizer
 from foof.validation import check_choice, check_int, check_range
 
@@ -191,14 +191,14 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
             return None
         out = module.weight.shape[0]
         count = sum(g.numel() for g in recorded) // out
-        in_dim = module.weight[0].numel() + (module.bias is not None)
-        cheaper = low_rank_is_cheaper(count, in_dim, out, two_sided)
+        cheaper = low_rank_is_cheaper(count, layer_in_dim(module), out, two_sided)
         self._cheaper_this_step[module] = cheaper
         if not cheaper:
             return None
-        output_grads, rows = self.capture.output_grads(module), self.layer_rows(module)
-        if output_grads is None or rows is None or rows.shape[0] != output_grads.shape[0]:
+        factors = self.recorded_factors(module)
+        if factors is None:
             return None
+        output_grads, rows = factors
         dtype = factor_dtype(module.weight)
         output_grads, rows = output_grads.to(dtype), rows.to(dtype)
         if not self.gradient_is_product(module, grad, output_grads, rows):
@@ -283,7 +283,7 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
                     state["input_covariance"] = update_second_moment_ema_(
                         state.get("input_covariance"), rows.to(dtype), rows.shape[0], decay
                     )
-                if module in gradients:
+                if module in gradients:  # Ḡ = (1/B) Σ_k Σ_r e_{k,r} e_{k,r}ᵀ from (K, rows, out)
                     flat = gradients[module].reshape(-1, module.weight.shape[0]).to(dtype)
                     state["gradient_covariance"] = update_second_moment_ema_(
                         state.get("gradient_covariance"), flat, batch_size, decay
@@ -319,38 +319,24 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         gradients: dict[nn.Module, Tensor],
         batch_size: int,
     ) -> dict[nn.Module, tuple[Tensor | None, Tensor | None]]:
-        """This step's ``(1/R) Σ ā āᵀ`` and ``Ḡ`` per layer, of the global batch.
+        """Under ``torch.distributed``: this step's ``(1/R) Σ ā āᵀ`` and ``Ḡ`` of the global batch.
 
-        A single process folds its own rows straight into the EMAs (see
-        :meth:`update_curvature`); without a process group this method normalises them per
-        layer (:func:`~foof.curvature.linalg.second_moment`,
-        :func:`~foof.curvature.kronecker.gradient_covariance`). Under ``torch.distributed`` every
-        rank contributes the unnormalised sums and their counts (rows for ``Ā``, samples ``B``
-        for ``Ḡ``; zeros for a layer it has no data for) to one all-reduce and divides the
-        global sums by the global counts, so unequal local batches are weighted correctly.
+        (A single process folds its own rows straight into the EMAs, see
+        :meth:`update_curvature`.) Every rank contributes the unnormalised sums and their
+        counts (rows for ``Ā``, samples ``B`` for ``Ḡ``; zeros for a layer it has no data for)
+        to one all-reduce and divides the global sums by the global counts, so unequal local
+        batches are weighted correctly.
 
         Returns:
             ``{module: (input covariance or None, gradient covariance or None)}``; None where
             no rank had data (the factor is then left as it was).
         """
-        if not distributed.is_distributed():
-            statistics = {}
-            for _, module, _ in layers:
-                dtype = factor_dtype(module.weight)
-                rows = self.layer_rows(module)
-                statistics[module] = (
-                    None if rows is None else second_moment(rows, dtype),
-                    gradient_covariance(gradients[module], batch_size, dtype)
-                    if module in gradients
-                    else None,
-                )
-            return statistics
         tensors: list[Tensor] = []
         symmetric: list[bool] = []
         for _, module, _ in layers:
             weight = module.weight
             dtype = factor_dtype(weight)
-            in_dim = weight[0].numel() + (module.bias is not None)
+            in_dim = layer_in_dim(module)
             rows = self.layer_rows(module)
             if rows is None:
                 input_sum = weight.new_zeros(in_dim, in_dim, dtype=dtype)

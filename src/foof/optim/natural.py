@@ -226,7 +226,7 @@ class NaturalGradient(CurvatureOptimizer):
         """
         dtype = data.inputs.dtype
         grad = gradient_matrix(module)
-        factors = self.gradient_factors(module) if grad is None else self._loss_factors(module)
+        factors = self.gradient_factors(module) if grad is None else self.recorded_factors(module)
         if factors is None or distributed.is_distributed():
             if grad is None:
                 grad = gradient_matrix(module, zero_if_missing=True)
@@ -239,13 +239,6 @@ class NaturalGradient(CurvatureOptimizer):
         if not factored_projection_is_cheaper(data, rows.shape[0]):
             return (output_grads.T @ rows) if grad is None else grad.to(dtype)
         return FactoredGradient(output_grads, rows)
-
-    def _loss_factors(self, module: nn.Module) -> tuple[Tensor, Tensor] | None:
-        output_grads = self.capture.output_grads(module)
-        rows = self.capture.inputs(module)
-        if output_grads is None or rows is None or rows.shape[0] != output_grads.shape[0]:
-            return None
-        return output_grads, rows
 
     def precondition_factors(
         self, module: nn.Module, output_grads: Tensor, rows: Tensor, group: dict[str, Any]
