@@ -409,6 +409,17 @@ def test_reproduce_resumes_only_missing_runs(tmp_path, data_dir):
     info = read_json(tmp_path / "T1" / "b-seed0.json")["experiment"]["hyperparameters"]
     assert info["source"].startswith("tuned") and info["values"] == {"lr": 0.1}
 
+    # a search that confirms a's spec value (lr 0.01) changes where it comes from, not the run:
+    # nothing retrains, but a's results now say "tuned"
+    a_mtime = (tmp_path / "T1" / "a-seed0.json").stat().st_mtime_ns
+    entries = {**entries, "T1/a": {"quick": {"values": {"lr": 0.01}, "note": "full-length"}}}
+    fourth = _statuses(reproduce([figure], **{**kwargs, "entries": entries}))
+    assert set(fourth.values()) == {"skipped"}
+    a_results = read_json(tmp_path / "T1" / "a-seed0.json")
+    assert a_results["experiment"]["hyperparameters"]["source"].startswith("tuned")
+    assert a_results["config"]["lr"] == 0.01
+    assert (tmp_path / "T1" / "a-seed0.json").stat().st_mtime_ns != a_mtime
+
 
 def test_a_failing_run_leaves_no_partial_file(tmp_path, data_dir, monkeypatch):
     figure = _tiny_figure(seeds=1)

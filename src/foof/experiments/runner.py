@@ -359,6 +359,7 @@ def _execute(
 ) -> RunOutcome:
     record = planned.record
     if is_done(planned.path, record):
+        _refresh_provenance(planned)
         return RunOutcome(planned.name, planned.path, "skipped")
     start = time.perf_counter()
     source = index.get(_digest(record))
@@ -395,6 +396,21 @@ def _execute(
     if count:
         message += f"; {count} warning(s) recorded in the results file"
     return RunOutcome(planned.name, planned.path, "trained", time.perf_counter() - start, message)
+
+
+def _refresh_provenance(planned: PlannedRun) -> None:
+    """Record where a finished run's values now come from, if that changed since it ran.
+
+    A search that confirms the values a run already used (``foof tune`` choosing the spec's
+    learning rate, say) does not change the run, only the record of where its values come from;
+    the report reads that record, so it is brought up to date instead of retraining.
+    """
+    results = _read(planned.path)
+    if results is None or "experiment" not in results:
+        return
+    if results["experiment"].get("hyperparameters") != planned.hyperparameters:
+        results["experiment"]["hyperparameters"] = planned.hyperparameters
+        write_json_atomic(planned.path, results)
 
 
 def _describe(outcome: RunOutcome) -> str:
