@@ -358,8 +358,9 @@ def _execute(
     planned: PlannedRun, index: dict[str, Path], cache: DataCache, progress: bool
 ) -> RunOutcome:
     record = planned.record
-    if is_done(planned.path, record):
-        _refresh_provenance(planned)
+    done = _read(planned.path)
+    if done is not None and _matches(done, record):
+        _refresh_provenance(planned, done)
         return RunOutcome(planned.name, planned.path, "skipped")
     start = time.perf_counter()
     source = index.get(_digest(record))
@@ -398,15 +399,14 @@ def _execute(
     return RunOutcome(planned.name, planned.path, "trained", time.perf_counter() - start, message)
 
 
-def _refresh_provenance(planned: PlannedRun) -> None:
+def _refresh_provenance(planned: PlannedRun, results: dict[str, Any]) -> None:
     """Record where a finished run's values now come from, if that changed since it ran.
 
     A search that confirms the values a run already used (``foof tune`` choosing the spec's
     learning rate, say) does not change the run, only the record of where its values come from;
     the report reads that record, so it is brought up to date instead of retraining.
     """
-    results = _read(planned.path)
-    if results is None or "experiment" not in results:
+    if "experiment" not in results:
         return
     if results["experiment"].get("hyperparameters") != planned.hyperparameters:
         results["experiment"]["hyperparameters"] = planned.hyperparameters
