@@ -555,6 +555,22 @@ def test_tune_refuses_shared_entries():
         tune_module.tune("1B", "natural", "quick", save=False, progress=False)
 
 
+def test_fig3b_trajectories_share_fig3c_learning_rates():
+    # Sharing is sound only if the runs are the same training run (3B only adds an instrument).
+    trajectories, sweep = build("3B", "standard"), build("3CD", "standard")
+    for damping in (0.01, 1.0, 100.0):
+        label = f"kfac-d{damping:g}"
+        run = trajectories.run(label)
+        assert trajectories.hyperparameter_key(run) == f"3CD/{label}"
+        values = {"lr": 0.1}
+        assert (
+            trajectories.config(run, 0, values).to_dict()
+            == sweep.config(sweep.run(label), 0, values).to_dict()
+        )
+    with pytest.raises(ValueError, match="foof tune 3CD --method kfac-d1"):
+        tune_module.tune("3B", "kfac-d1", "standard", save=False, progress=False)
+
+
 # -- CLI --------------------------------------------------------------------------------------
 
 
