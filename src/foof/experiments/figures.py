@@ -448,14 +448,8 @@ def figure_2c(mode: str) -> Figure:
             kfac("kfac", "KFAC (no EMA)", lr=0.1, damping=1e-4, ema_decay=0.0, key=KFAC_1D),
         ),
         checks=(Below("kfac", "natural-bd"), Below("kfac", "natural-bd-full")),
-        seeds=1,
-        reduction=fullbatch_reduction(mode)
-        + (
-            ""
-            if _quick(mode)
-            else " One seed instead of 3: a block-diagonal full-Fisher step takes about 4 s on 250 "
-            "images here (100 s on 1,000)."
-        ),
+        seeds=_seeds(mode),
+        reduction=fullbatch_reduction(mode),
         notes="KFAC is Fig. 1D's run (same setting and hyperparameters).",
     )
 
