@@ -539,7 +539,7 @@ def figure_3b(mode: str) -> Figure:
         reduction=_reduction(
             mode,
             QUICK_MINIBATCH.replace("3 epochs", "1 epoch"),
-            "1 epoch (600 updates) of each KFAC trajectory instead of 10 epochs; one seed; "
+            "1 epoch (600 updates) of each KFAC trajectory instead of 10 epochs; "
             "heuristic damping uses Fig. 3C's learning rate for the same damping (tuned over "
             "that same epoch); standard damping keeps the spec's lr 0.1, not tuned.",
         ),
@@ -604,7 +604,7 @@ def figure_3cd(mode: str) -> Figure:
         reduction=_reduction(
             mode,
             QUICK_MINIBATCH,
-            "final loss after 1 epoch (600 updates) instead of 10; one seed; each damping's "
+            "final loss after 1 epoch (600 updates) instead of 10; each damping's "
             "learning rate tuned over that same epoch (`foof tune 3CD --method M --mode standard "
             "--search window`).",
         ),
