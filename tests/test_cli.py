@@ -199,6 +199,8 @@ def test_curvature_flags_reach_the_optimizer(tmp_path, monkeypatch, data_dir, ca
         "full",
         "--damping-mode",
         "standard",
+        "--inv-warmup",
+        "5",
         "--no-second-factor",
         "--out",
         str(out),
@@ -211,6 +213,7 @@ def test_curvature_flags_reach_the_optimizer(tmp_path, monkeypatch, data_dir, ca
     assert main(args) == 0
     options = json.loads(out.read_text())["config"]["optimizer_options"]
     assert options["fisher"] == "full" and options["damping_mode"] == "standard"
+    assert options["inv_warmup"] == 5
 
 
 def test_flag_for_another_optimizer_is_a_usage_error(tmp_path, capsys):
@@ -219,6 +222,11 @@ def test_flag_for_another_optimizer_is_a_usage_error(tmp_path, capsys):
     )
     assert code == 2
     assert "--block-diagonal applies to --optimizer natural" in capsys.readouterr().err
+    code = main(
+        ["train", "--optimizer", "sgd", "--inv-warmup", "3", "--out", str(tmp_path / "x.json")]
+    )
+    assert code == 2
+    assert "--inv-warmup applies to --optimizer foof or kfac" in capsys.readouterr().err
 
 
 def test_app_d6_training_details_are_train_flags(data_dir, tmp_path, capsys):

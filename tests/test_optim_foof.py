@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from foof import FOOF
-from foof.optim.foof import is_stats_step
+from foof.optim.foof import is_inversion_step, is_stats_step
 from tests.cases import CASE_IDS, CASES
 from tests.reference import gradient_matrices, layer_input_rows, layer_inputs
 
@@ -167,6 +167,81 @@ def test_stats_step_schedule(inv_every, stats_steps, expected):
     assert [is_stats_step(t, inv_every, stats_steps) for t in range(len(expected))] == expected
 
 
+@pytest.mark.parametrize(
+    ("inv_every", "stats_steps", "inv_warmup", "expected"),
+    [
+        (4, 1, 3, [True] * 3 + [False, True, False, False, False, True]),
+        (4, 2, 6, [True] * 6 + [False, True, True, False]),
+        (8, None, 2, [True] * 10),
+    ],
+)
+def test_stats_step_schedule_with_warmup(inv_every, stats_steps, inv_warmup, expected):
+    """Each of the first ``inv_warmup`` steps updates Σ, then the usual S steps per period."""
+    steps = range(len(expected))
+    assert [is_stats_step(t, inv_every, stats_steps, inv_warmup) for t in steps] == expected
+
+
+@pytest.mark.parametrize(
+    ("inv_every", "inv_warmup", "expected"),
+    [
+        (8, 0, [0, 8, 16]),
+        (8, 3, [0, 1, 2, 8, 16]),
+        (5, 12, list(range(12)) + [15]),
+        (1, 4, list(range(18))),
+    ],
+)
+def test_inversion_step_schedule(inv_every, inv_warmup, expected):
+    """Every T-th step from step 0, and each of the first ``inv_warmup`` steps."""
+    assert [t for t in range(18) if is_inversion_step(t, inv_every, inv_warmup)] == expected
+
+
+@pytest.mark.parametrize("inv_warmup", [0, 3])
+def test_warmup_inverts_the_current_statistics_on_its_schedule(inv_warmup):
+    """Each inversion step leaves P = (Σ + λI)⁻¹ of that step's EMA Σ (eq. 6), computed from
+    explicit rows; P is untouched on every other step, and Σ moves only on statistics steps."""
+    case = CASES[1]
+    model = case.model()
+    damping, decay, inv_every = 0.1, 0.5, 8
+    opt = FOOF(
+        model,
+        lr=0.05,
+        damping=damping,
+        ema_decay=decay,
+        inv_every=inv_every,
+        stats_steps=1,
+        inv_warmup=inv_warmup,
+        low_rank=False,
+    )
+    expected_inversions = [0, 1, 2, 8] if inv_warmup else [0, 8]
+    expected_stats = expected_inversions
+    ema: dict[nn.Module, torch.Tensor] = {}
+    previous = None
+    for step, (x, y) in enumerate(batches(case, 11)):
+        inputs = layer_inputs(model, x)
+        opt.zero_grad()
+        cross_entropy(model(x), y).backward()
+        opt.step()
+        state = snapshot(opt)
+        for name, module in opt.layers.items():
+            if step in expected_stats:
+                rows = layer_input_rows(module, inputs[module])
+                batch_cov = rows.T @ rows / rows.shape[0]
+                ema[module] = (
+                    batch_cov
+                    if module not in ema
+                    else decay * ema[module] + (1 - decay) * batch_cov
+                )
+            torch.testing.assert_close(state[name]["input_covariance"], ema[module], **TOL)
+            if step in expected_inversions:
+                eye = torch.eye(len(ema[module]), dtype=ema[module].dtype)
+                torch.testing.assert_close(
+                    state[name]["inverse"], torch.linalg.inv(ema[module] + damping * eye), **TOL
+                )
+            else:
+                assert torch.equal(state[name]["inverse"], previous[name]["inverse"]), step
+        previous = state
+
+
 def test_checkpoint_resume_is_bit_identical():
     case = CASES[3]
     data = batches(case, 8)
@@ -214,6 +289,8 @@ def test_checkpoint_resume_is_bit_identical():
         (dict(inv_every=2.5), "inv_every"),
         (dict(stats_steps=0), "stats_steps"),
         (dict(inv_every=5, stats_steps=6), "stats_steps"),
+        (dict(inv_warmup=-1), "inv_warmup"),
+        (dict(inv_warmup=True), "inv_warmup"),
         (dict(momentum=1.0), "momentum"),
         (dict(weight_decay=-1.0), "weight_decay"),
     ],

@@ -180,6 +180,37 @@ def test_checkpoint_resume_is_bit_identical_with_mc_sampling(damping_mode):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize(
+    ("inv_warmup", "source"), [(0, [0, 0, 0, 0, 4, 4]), (3, [0, 1, 2, 2, 4, 4])]
+)
+def test_inv_warmup_uses_the_factors_of_the_last_inversion_step(inv_warmup, source):
+    """Step t's update is eq. 2 with this step's gradient and the factors of the last inversion
+    step (``source[t]``): 0, 4, ... every T=4 steps, and each of the first 3 with the warm-up.
+    ema_decay=0
+    and the full Fisher make each step's factors those of its own batch, deterministically."""
+    case = CASES[0]
+    model = case.model()
+    damping = 0.1
+    opt = KFAC(
+        model,
+        lr=0.05,
+        damping=damping,
+        fisher="full",
+        ema_decay=0.0,
+        inv_every=4,
+        inv_warmup=inv_warmup,
+    )
+    factors = {}
+    for step, (x, y) in enumerate(case.batch(seed=30 + i) for i in range(len(source))):
+        factors[step] = reference_factors(model, x, y, "full", seed=None)
+        grads = gradient_matrices(model, cross_entropy, x, y)
+        input_cov, gradient_cov = factors[source[step]]
+        update = one_step(model, opt, x, y)
+        for layer, grad in grads.items():
+            expected = dense_heuristic(input_cov[layer], gradient_cov[layer], grad, damping)
+            torch.testing.assert_close(update[layer], expected, **TOL)
+
+
 def test_gaussian_likelihood_full_fisher_factor():
     """For ½‖y − f‖² the output Fisher is I: Ḡ = (1/B) Σ_k Σ_i e_i(k) e_i(k)ᵀ with unit vectors."""
 

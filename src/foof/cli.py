@@ -146,6 +146,14 @@ def _add_train(commands: Any) -> None:
         "faster; see foof.CurvatureOptimizer)",
     )
     curvature.add_argument(
+        "--inv-warmup",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="FOOF, KFAC: invert on each of the first N steps, then every --inv-every "
+        "(not in the paper)",
+    )
+    curvature.add_argument(
         "--fisher-batch",
         choices=FISHER_BATCHES,
         default=None,
@@ -223,6 +231,7 @@ def _curvature_options(args: argparse.Namespace) -> dict[str, Any]:
         "second_factor": ("kfac",),
         "block_diagonal": ("natural",),
         "fused_backward": ("foof", "kfac", "natural"),
+        "inv_warmup": ("foof", "kfac"),
         "fisher_batch": ("natural",),
         "likelihood": ("kfac", "natural"),
     }
@@ -232,6 +241,7 @@ def _curvature_options(args: argparse.Namespace) -> dict[str, Any]:
         "second_factor": False if args.no_second_factor else None,
         "block_diagonal": True if args.block_diagonal else None,
         "fused_backward": True if args.fused_backward else None,
+        "inv_warmup": args.inv_warmup,
         "fisher_batch": args.fisher_batch,
         "likelihood": args.likelihood,
     }

@@ -8,9 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from foof.curvature.linalg import damped_cholesky, damped_inverse
-from foof.optim.kronecker import KroneckerFactoredOptimizer, is_stats_step
+from foof.optim.kronecker import KroneckerFactoredOptimizer, is_inversion_step, is_stats_step
 
-__all__ = ["FOOF", "is_stats_step"]
+__all__ = ["FOOF", "is_inversion_step", "is_stats_step"]
 
 
 class FOOF(KroneckerFactoredOptimizer):
@@ -34,10 +34,10 @@ class FOOF(KroneckerFactoredOptimizer):
         * The EMA is normalised by initialising it with the first batch: ``ema_decay=0`` means
           "this batch only".
         * On each step the statistics are updated first, then (every ``inv_every`` steps,
-          starting at step 0) inverted, then used; so the very first step already uses its own
-          batch and no warm-up pass is needed. ``stats_steps=S`` updates ``Σ`` only on the ``S``
-          steps ending with each inversion (Algorithm 1, line 10); on other steps the inputs are
-          not even recorded.
+          starting at step 0, and on the first ``inv_warmup`` steps) inverted, then used;
+          so the very first step already uses its own batch and no warm-up pass is needed.
+          ``stats_steps=S`` updates ``Σ`` only on the ``S`` steps ending with each inversion
+          (Algorithm 1, line 10); on other steps the inputs are not even recorded.
         * ``P_l`` comes from a Cholesky factorisation (eigendecomposition fallback with a
           warning if it fails). Factors are kept on the parameters' device in float32 (float64
           for a float64 model), also when the forward pass runs under bf16/fp16 autocast.
@@ -54,6 +54,9 @@ class FOOF(KroneckerFactoredOptimizer):
         inv_every: ``T >= 1``, inversion period. With ``T = 1`` (not sharded) each layer keeps
             the Cholesky factor of ``Σ_l + λI`` and solves instead of forming ``P_l``.
         stats_steps: ``S ∈ [1, T]`` statistics steps before each inversion, ``None`` for all.
+        inv_warmup: invert (and take statistics) on each of the first ``inv_warmup`` steps,
+            then every ``T`` steps: early inverses go stale within a few steps (see
+            :func:`~foof.optim.kronecker.is_inversion_step`). Not in the paper; default 0.
         momentum: heavy-ball momentum in ``[0, 1)`` as in ``torch.optim.SGD``.
         weight_decay: decoupled weight decay ``>= 0``.
         low_rank: compute the product through ``Ĝ = EᵀA`` when that needs fewer flops (exact;
@@ -107,6 +110,7 @@ class FOOF(KroneckerFactoredOptimizer):
         low_rank: bool = True,
         inverse_sharding: str = "replicated",
         fused_backward: bool = False,
+        inv_warmup: int = 0,
     ) -> None:
         super().__init__(
             model,
@@ -120,6 +124,7 @@ class FOOF(KroneckerFactoredOptimizer):
             low_rank,
             inverse_sharding,
             fused_backward,
+            inv_warmup,
             nonfinite=nonfinite,
         )
 

@@ -65,6 +65,9 @@ class KFAC(KroneckerFactoredOptimizer):
             layer keeps the Cholesky factors of the damped factors and solves with them instead
             of forming inverses (see :meth:`solves`).
         stats_steps: statistics steps before each inversion, ``None`` for every step.
+        inv_warmup: invert (and take statistics) on each of the first ``inv_warmup`` steps,
+            then every ``inv_every`` steps (see
+            :func:`~foof.optim.kronecker.is_inversion_step`). Not in the paper; default 0.
         momentum: heavy-ball momentum in ``[0, 1)``.
         weight_decay: decoupled weight decay.
         likelihood: ``"categorical"`` or ``"gaussian"``.
@@ -126,6 +129,7 @@ class KFAC(KroneckerFactoredOptimizer):
         low_rank: bool = True,
         inverse_sharding: str = "replicated",
         fused_backward: bool = False,
+        inv_warmup: int = 0,
     ) -> None:
         check_choice("damping_mode", damping_mode, DAMPING_MODES)
         check_choice("fisher", fisher, FISHER_TYPES)
@@ -146,6 +150,7 @@ class KFAC(KroneckerFactoredOptimizer):
             low_rank,
             inverse_sharding,
             fused_backward,
+            inv_warmup,
             damping_mode=damping_mode,
             fisher=fisher,
             likelihood=likelihood,
