@@ -43,11 +43,9 @@ reproduce-quick: install
 ## make reproduction-report: the committed report, docs/reproduction/REPORT.md: the standard-mode
 ## figures this machine can afford (hours on 2 cores; runs resume if interrupted), every figure in
 ## quick mode for the others, then the report with its plots and the results files beside it.
-STANDARD_FIGURES ?= 1A 1B 1C 1D 2A 2B 2C 3B 3CD 4A 4B 4C F J 5 LAPLACE
-ONE_SEED_FIGURES ?= 3A
+STANDARD_FIGURES ?= 1A 1B 1C 1D 2A 2B 2C 3A 3B 3CD 4A 4B 4C F J 5 LAPLACE
 reproduction-report: install
 	OMP_NUM_THREADS=1 $(BIN)/foof reproduce $(STANDARD_FIGURES) --mode standard --no-progress
-	OMP_NUM_THREADS=1 $(BIN)/foof reproduce $(ONE_SEED_FIGURES) --mode standard --seeds 1 --no-progress
 	OMP_NUM_THREADS=1 $(BIN)/foof reproduce all --mode quick --no-progress
 	$(BIN)/foof report runs/reproduction/standard runs/reproduction/quick --out docs/reproduction
 	rm -rf docs/reproduction/runs && mkdir -p docs/reproduction/runs

@@ -486,7 +486,8 @@ def figure_3a(mode: str) -> Figure:
         notes="'Similar to SGD' is checked as: final losses within a factor 2. KFAC with "
         "standard damping keeps the paper's damping λ=1 (Table D.4) and uses the learning rate "
         "tuned for it in Fig. 3B (a line search over one epoch, like the other runs' short "
-        "tuning); its damping is not tuned.",
+        "tuning); its damping is not tuned, so this verdict covers λ=1 only (a one-epoch check "
+        "of other dampings is in docs/reproduction/README.md).",
     )
 
 
