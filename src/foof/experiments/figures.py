@@ -229,11 +229,17 @@ def _fmnist_kfac(label: str = "kfac", key: str | None = KFAC_1A) -> Run:
     return kfac(label, "KFAC", lr=0.3, damping=1.0, key=key)
 
 
-def _standard_damping_kfac(legend: str, instruments: tuple[str, ...] = ()) -> Run:
-    """KFAC with standard damping at the paper's λ=1 (Table D.4), shared by Figs. 3A and 3B.
+def _standard_damping_kfac(
+    legend: str,
+    key: str | None = STANDARD_DAMPING,
+    tune: tuple[str, ...] = ("lr",),
+    instruments: tuple[str, ...] = (),
+) -> Run:
+    """KFAC with standard damping (eq. 3), starting from the paper's λ=1, lr 0.1 (Table D.4).
 
-    Only the learning rate is tuned, once, in Fig. 3B (over its one epoch), so 3B can compare
-    it with heuristic damping at the same λ.
+    Fig. 3B tunes only its learning rate (over its one epoch), at λ=1, so it can compare it with
+    heuristic damping at the same λ; Fig. 3A gives it its own entry and tunes λ too, so that
+    "standard ≈ SGD" is judged at standard damping's best λ rather than at the paper's.
     """
     return kfac(
         "kfac-standard",
@@ -241,8 +247,8 @@ def _standard_damping_kfac(legend: str, instruments: tuple[str, ...] = ()) -> Ru
         lr=0.1,
         damping=1.0,
         damping_mode="standard",
-        key=STANDARD_DAMPING,
-        tune=("lr",),
+        key=key,
+        tune=tune,
         instruments=instruments,
     )
 
@@ -486,16 +492,17 @@ def figure_3a(mode: str) -> Figure:
         runs=(
             sgd(key=SGD_1A),
             _fmnist_kfac(),
-            _standard_damping_kfac("KFAC (standard damping)"),
+            # Its own entry (key None): lr and λ tuned for this figure, unlike 3B's λ=1.
+            _standard_damping_kfac("KFAC (standard damping)", key=None, tune=("lr", "damping")),
         ),
         checks=(Below("kfac", "kfac-standard"), Near("kfac-standard", "sgd", factor=2.0)),
         seeds=_seeds(mode),
         reduction=_quick_reduction(mode, QUICK_MINIBATCH.replace("3 epochs", "1 epoch")),
         notes="'Similar to SGD' is checked as: final losses within a factor 2. KFAC with "
-        "standard damping keeps the paper's damping λ=1 (Table D.4) and uses the learning rate "
-        "tuned for it in Fig. 3B (a line search over one epoch, like the other runs' short "
-        "tuning); its damping is not tuned, so this verdict covers λ=1 only (a one-epoch check "
-        "of other dampings is in docs/reproduction/README.md).",
+        "standard damping has its own entry, its damping and learning rate tuned together over "
+        "one epoch like the other runs' short searches (a learning-rate line per damping, "
+        "λ ∈ {1e-4, 0.01, 1}; λ=100 was checked by hand and lost); the paper's λ=1 (Table D.4) "
+        "is what Fig. 3B keeps, to compare with heuristic damping at the same λ.",
     )
 
 
