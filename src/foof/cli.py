@@ -38,7 +38,14 @@ from foof.models import MODELS
 from foof.optim.kfac import DAMPING_MODES
 from foof.optim.natural import FISHER_BATCHES
 from foof.optim.registry import OPTIMIZERS
-from foof.train import DEFAULT_HYPERPARAMETERS, ConfigError, TrainConfig, results_path, train
+from foof.train import (
+    DEFAULT_HYPERPARAMETERS,
+    WARM_START_OPTIMIZERS,
+    ConfigError,
+    TrainConfig,
+    results_path,
+    train,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,6 +151,14 @@ def _add_train(commands: Any) -> None:
         help="FOOF, KFAC, natural gradient: skip autograd's weight-gradient GEMMs and compute "
         "the direction from the recorded layer inputs and output gradients (same update, "
         "faster; see foof.CurvatureOptimizer)",
+    )
+    curvature.add_argument(
+        "--init-batches",
+        type=_natural,
+        default=None,
+        metavar="N",
+        help="FOOF, KFAC: mini-batches of statistics taken before the first update (App. K's "
+        "initialisation); default: 50; 0: none",
     )
     curvature.add_argument(
         "--inv-warmup",
@@ -255,6 +270,15 @@ def _curvature_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _init_batches(args: argparse.Namespace) -> int | None:
+    """``--init-batches``, refused for an optimizer without statistics to initialise."""
+    if args.init_batches and args.optimizer not in WARM_START_OPTIMIZERS:
+        raise ConfigError(
+            f"--init-batches applies to --optimizer {' or '.join(WARM_START_OPTIMIZERS)}"
+        )
+    return args.init_batches
+
+
 def _train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         dataset=args.dataset,
@@ -267,6 +291,7 @@ def _train(args: argparse.Namespace) -> int:
         ema_decay=args.ema_decay,
         inv_every=args.inv_every,
         stats_steps=args.stats_steps,
+        init_batches=_init_batches(args),
         optimizer_options={**_curvature_options(args), **dict(args.optimizer_option)},
         model_options=dict(args.model_option),
         epochs=args.epochs,

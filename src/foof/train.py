@@ -56,6 +56,7 @@ from foof.data import Dataset, load_dataset
 from foof.image_data import augment_batch
 from foof.io import write_json_atomic
 from foof.models import TASKS, build_model
+from foof.optim.kronecker import WARM_START_BATCHES
 from foof.optim.registry import OPTIMIZERS, backward, build_optimizer
 
 RESULTS_FORMAT = "foof.train/1"
@@ -78,6 +79,9 @@ momentum all three reach a training loss of about 0.3 against SGD+M's 0.4). They
 points, not tuned values: the paper notes (App. D.4) that damping scales depend on how an
 implementation normalises its curvature, so other models, batch sizes or data need a search.
 """
+
+WARM_START_OPTIMIZERS = ("foof", "kfac")
+"""Optimizers whose statistics :func:`train` initialises before the first update (App. K)."""
 
 LIKELIHOOD_OPTIMIZERS = ("kfac", "natural")
 """Optimizers that take a ``likelihood`` argument; the loop sets it from the model's task."""
@@ -167,6 +171,12 @@ class TrainConfig:
         ema_decay: decay of the curvature EMAs (FOOF, KFAC).
         inv_every: inversion period ``T`` (Algorithm 1).
         stats_steps: statistics steps ``S`` before each inversion (Algorithm 1).
+        init_batches: mini-batches of statistics FOOF and KFAC take before the first update
+            (App. K, "Initialisation"; ``warm_start`` of
+            :class:`~foof.optim.kronecker.KroneckerFactoredOptimizer`), drawn from their own
+            permutation of the training set (seeded with ``seed + 2``), so the training
+            batches are the same with or without it. ``None`` resolves to 50 for those two and
+            stays ``None`` (unused) for the others; ``0`` turns it off.
         optimizer_options: further keyword arguments of the optimizer (e.g. ``fisher="full"``).
         model_options: keyword arguments of the model factory (e.g. ``hidden=[100]``).
         epochs: passes over the training set.
@@ -203,6 +213,7 @@ class TrainConfig:
     ema_decay: float | None = None
     inv_every: int | None = None
     stats_steps: int | None = None
+    init_batches: int | None = None
     optimizer_options: Mapping[str, Any] = field(default_factory=dict)
     model_options: Mapping[str, Any] = field(default_factory=dict)
     epochs: int = 10
@@ -247,12 +258,15 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """This config with every default the run will use written out.
 
-        ``None`` hyperparameters take :data:`DEFAULT_HYPERPARAMETERS`; optimizers in
-        :data:`LIKELIHOOD_OPTIMIZERS` get ``likelihood`` from the model's task (``"gaussian"``
-        for the autoencoder) unless ``optimizer_options`` sets it.
+        ``None`` hyperparameters take :data:`DEFAULT_HYPERPARAMETERS`; ``init_batches`` takes
+        :data:`~foof.optim.kronecker.WARM_START_BATCHES` for :data:`WARM_START_OPTIMIZERS`;
+        optimizers in :data:`LIKELIHOOD_OPTIMIZERS` get ``likelihood`` from the model's task
+        (``"gaussian"`` for the autoencoder) unless ``optimizer_options`` sets it.
         """
         defaults = DEFAULT_HYPERPARAMETERS.get(self.optimizer, {})
         fills: dict[str, Any] = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        if self.init_batches is None and self.optimizer in WARM_START_OPTIMIZERS:
+            fills["init_batches"] = WARM_START_BATCHES
         options = dict(self.optimizer_options)
         if self.optimizer in LIKELIHOOD_OPTIMIZERS and self.model in TASKS:
             options.setdefault("likelihood", _LIKELIHOODS[TASKS[self.model]])
@@ -270,13 +284,18 @@ class TrainConfig:
         ):
             if value not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-        for name in ("epochs", "batch_size", "subset", "momentum_delay"):
+        for name in ("epochs", "batch_size", "subset", "momentum_delay", "init_batches"):
             value = getattr(self, name)
             low = 0 if name != "subset" else 1
             if value is not None and (not isinstance(value, int) or value < low):
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.polyak_decay is not None and not 0.0 <= self.polyak_decay < 1.0:
             raise ConfigError(f"polyak_decay must be in [0, 1) or None, got {self.polyak_decay!r}")
+        if self.init_batches and self.optimizer not in WARM_START_OPTIMIZERS:
+            raise ConfigError(
+                f"init_batches is for {' and '.join(WARM_START_OPTIMIZERS)} (App. K), not "
+                f"{self.optimizer!r}; leave it None"
+            )
         if self.lr is None and self.optimizer not in DEFAULT_HYPERPARAMETERS:
             raise ConfigError(f"optimizer {self.optimizer!r} has no default lr; set lr")
         try:
@@ -417,6 +436,12 @@ def train(
     else:
         test_loss, test_accuracy = _evaluate(model, loss_fn, x_test, y_test, task, callbacks)
         results["initial"] = {"test_loss": test_loss, "test_accuracy": test_accuracy}
+        if config.init_batches:
+            tick = time.perf_counter()
+            used = _warm_start(optimizer, model, loss_fn, x_train, y_train, batch, config)
+            # part of the method's cost: counted in the training time of the first step
+            train_time += time.perf_counter() - tick
+            results["warm_start"] = {"batches": used, "time": train_time}
 
     def save_checkpoint(epoch: int, next_index: int, order: Tensor | None, losses: list) -> None:
         if checkpoint_path is None or rank != 0:
@@ -532,6 +557,42 @@ def train(
     if checkpoint_path is not None and rank == 0:
         checkpoint_path.unlink(missing_ok=True)
     return results
+
+
+def _warm_start(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    loss_fn: LossFunction,
+    x_train: Tensor,
+    y_train: Tensor,
+    batch: int,
+    config: TrainConfig,
+) -> int:
+    """App. K's initialisation: ``config.init_batches`` batches of statistics, no update.
+
+    The batches come from their own permutation (generator seeded ``seed + 2``), so the
+    training order does not depend on ``init_batches``; under ``torch.distributed`` each rank
+    takes its slice of every global batch, as in training. No augmentation.
+    """
+    n = len(x_train)
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    order = torch.cat(
+        [
+            torch.randperm(n, generator=generator)
+            for _ in range(math.ceil(config.init_batches * batch / n))
+        ]
+    ).to(x_train.device)
+    rank, world = distributed.rank(), distributed.world_size()
+    indices = [
+        order[i * batch : (i + 1) * batch].tensor_split(world)[rank]
+        for i in range(config.init_batches)
+    ]
+    return optimizer.warm_start(
+        ((x_train[index], y_train[index]) for index in indices),
+        loss_fn=loss_fn,
+        num_batches=config.init_batches,
+        model=model,
+    )
 
 
 def _global_mean(loss: Tensor, count: int) -> float:

@@ -12,7 +12,8 @@ broadcast.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -25,6 +26,11 @@ from foof.optim.base import CurvatureOptimizer
 from foof.validation import check_choice, check_int, check_range
 
 INVERSE_SHARDINGS = ("replicated", "sharded")
+
+WARM_START_BATCHES = 50
+"""Mini-batches of statistics taken before the first update (App. K, "Initialisation")."""
+
+LossFunction = Callable[[Tensor, Tensor], Tensor]
 
 
 def is_inversion_step(step: int, inv_every: int, inv_warmup: int = 0) -> bool:
@@ -152,9 +158,14 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         # re-evaluate the shapes.
         self._low_rank_cheaper: bool | None = None
         self._cheaper_this_step: dict[nn.Module, bool] = {}
+        self._model = weakref.ref(model)  # for warm_start(); the optimizer does not own it
+        # True while warm_start() runs its forward/backward passes: every pass takes statistics
+        self._warming_up = False
 
     def is_stats_step(self) -> bool:
-        """Whether the coming (current) step updates the statistics."""
+        """Whether the coming (current) step updates the statistics (always during warm start)."""
+        if self._warming_up:
+            return True
         group = self.param_groups[0]
         return is_stats_step(group["step"], group["inv_every"], group["stats_steps"], warmup(group))
 
@@ -168,6 +179,8 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         return self.low_rank and not distributed.is_distributed()
 
     def _records_for_low_rank(self) -> bool:
+        if self._warming_up:
+            return False  # no update is taken, so no product with the gradient either
         return self.uses_low_rank() and (
             self._low_rank_cheaper is not False or self.is_stats_step()
         )
@@ -188,6 +201,100 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         if self._cheaper_this_step:
             self._low_rank_cheaper = any(self._cheaper_this_step.values())
         return loss
+
+    def warm_start(
+        self,
+        batches: Iterable[tuple[Tensor, Tensor]],
+        loss_fn: LossFunction | None = None,
+        num_batches: int = WARM_START_BATCHES,
+        model: nn.Module | None = None,
+    ) -> int:
+        """Initialise the statistics from ``num_batches`` mini-batches before training (App. K).
+
+        The paper's initialisation: "perform [the moving-average update of Algorithm 1] for a
+        number of minibatches (50) before training and then [invert] once", with the moving
+        average normalised. Each batch runs a training-mode forward pass and, for KFAC, the
+        Fisher's backward pass (:meth:`backward`), and is folded into the EMA of ``Ā``
+        (and ``Ḡ``) with ``ema_decay``; nothing is updated. Step 0 then adds its own batch and
+        inverts, as on every inversion step, so the first inverse (and, with ``inv_every=T``,
+        the next ``T`` updates) rests on ``num_batches + 1`` batches instead of one; an inverse
+        of a single batch's ``Σ`` can make a large learning rate diverge within the first
+        ``T`` steps.
+
+        The model is left as it was: parameters (no update, gradients cleared), buffers (e.g.
+        BatchNorm running statistics are restored) and the step counter; only the Fisher
+        sampler's generator (KFAC's MC labels) and torch's global RNG (dropout) advance. Under
+        ``torch.distributed`` every rank must call it with the same number of batches (its
+        share of each global batch); the statistics are reduced over ranks as on a step.
+
+        Args:
+            batches: ``(inputs, targets)`` pairs, e.g. a ``DataLoader`` over the training set;
+                only the first ``num_batches`` are used. Targets are passed to ``loss_fn``
+                only (FOOF and KFAC's mc/full Fisher do not use them; the empirical Fisher
+                does).
+            loss_fn: ``loss_fn(model(inputs), targets)``, a mean over the batch; default
+                softmax cross-entropy.
+            num_batches: ``N >= 1`` (App. K uses 50).
+            model: the network to run; default the model the optimizer was built for.
+
+        Returns:
+            The number of batches used (fewer than ``num_batches`` if ``batches`` ran out;
+            batches with a non-finite loss or statistic are left out).
+
+        Raises:
+            RuntimeError: called after the first step (the statistics already exist).
+
+        Example:
+            >>> loader = [(torch.randn(32, 784), torch.randint(0, 10, (32,)))] * 50
+            >>> model = nn.Sequential(nn.Linear(784, 10))
+            >>> opt = foof.FOOF(model, lr=1.0, damping=10.0)  # doctest: +SKIP
+            >>> opt.warm_start(loader)  # doctest: +SKIP
+            50
+        """
+        if self.step_count > 0:
+            raise RuntimeError(
+                f"{type(self).__name__}.warm_start() initialises the statistics before the "
+                f"first step; this optimizer has taken {self.step_count} steps already"
+            )
+        if not isinstance(num_batches, int) or num_batches < 1:
+            raise ValueError(f"num_batches must be an integer >= 1, got {num_batches!r}")
+        model = self._model() if model is None else model
+        if model is None:
+            raise RuntimeError("the model this optimizer was built for no longer exists")
+        loss_fn = nn.functional.cross_entropy if loss_fn is None else loss_fn
+        group = self.param_groups[0]
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        was_training = model.training
+        used = 0
+        self.zero_grad()
+        self._warming_up = True
+        try:
+            model.train()
+            for index, (inputs, targets) in enumerate(batches):
+                if index >= num_batches:
+                    break
+                with torch.enable_grad():  # the capture records only passes under autograd
+                    output = model(inputs)
+                    if self.uses_gradient_factor:  # Ḡ needs the Fisher's backward pass
+                        self.backward(loss_fn(output, targets), output)
+                if self.find_nonfinite() is None:
+                    with (
+                        torch.no_grad(),
+                        torch.autocast(device_type=group["params"][0].device.type, enabled=False),
+                    ):
+                        self.update_statistics(group)
+                    used += 1
+                self.zero_grad()
+        finally:
+            self._warming_up = False
+            self._step_rows = {}
+            self.zero_grad()
+            model.train(was_training)
+            with torch.no_grad():
+                for name, buffer in model.named_buffers():
+                    if name in buffers:
+                        buffer.copy_(buffers[name])
+        return used
 
     def low_rank_factors(self, module: nn.Module, grad: Tensor, two_sided: bool) -> tuple | None:
         """``(E, A)`` with ``Ĝ = EᵀA`` when that form of the product is cheaper and exact.
@@ -293,6 +400,27 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
     def update_curvature(self, group: dict[str, Any]) -> None:
         """EMA of the factors on statistics steps, then the inverses on inversion steps."""
         invert = is_inversion_step(group["step"], group["inv_every"], warmup(group))
+        active = self.update_statistics(group)
+        pending = [item for item in active if invert or not self.has_inverse(item[2])]
+
+        for name, _, state in pending:
+            missing = [k for k in self.factor_names() if k not in state]
+            if missing:
+                raise RuntimeError(
+                    f"{type(self).__name__}: no statistics ({', '.join(missing)}) for layer "
+                    f"{name!r}. Run the training step's forward pass with the model in "
+                    "train() mode and autograd enabled"
+                    + (", and call opt.backward(loss, output)" if self.uses_gradient_factor else "")
+                    + "."
+                )
+        self.invert_layers(pending, group)
+
+    def update_statistics(self, group: dict[str, Any]) -> list[tuple[str, nn.Module, dict]]:
+        """On statistics steps, fold this step's ``Ā`` (and ``Ḡ``) into the EMAs (App. D.1).
+
+        Returns:
+            ``(name, module, state)`` of the layers that took part in this step.
+        """
         decay = group["ema_decay"]
         stats_step = self.is_stats_step()
         gradients: dict[nn.Module, Tensor] = {}
@@ -300,7 +428,10 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         if self.uses_gradient_factor and stats_step:
             gradients, batch_size = self.gradient_rows()
         self._step_rows = {}
-        active = [item for item in self.layer_items() if self.takes_part(item[1])]
+        if self._warming_up:  # no backward for FOOF: a layer takes part if it saw inputs
+            active = [item for item in self.layer_items() if self.capture.records[item[1]].inputs]
+        else:
+            active = [item for item in self.layer_items() if self.takes_part(item[1])]
         if stats_step and not distributed.is_distributed():
             # (1/R) Σ ā āᵀ straight into the EMA, one GEMM per factor (paper App. D.1)
             for _, module, state in active:
@@ -327,18 +458,7 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
                     state["gradient_covariance"] = update_ema_(
                         state.get("gradient_covariance"), gradient_cov, decay
                     )
-        pending = [item for item in active if invert or not self.has_inverse(item[2])]
-        for name, _, state in pending:
-            missing = [k for k in self.factor_names() if k not in state]
-            if missing:
-                raise RuntimeError(
-                    f"{type(self).__name__}: no statistics ({', '.join(missing)}) for layer "
-                    f"{name!r}. Run the training step's forward pass with the model in "
-                    "train() mode and autograd enabled"
-                    + (", and call opt.backward(loss, output)" if self.uses_gradient_factor else "")
-                    + "."
-                )
-        self.invert_layers(pending, group)
+        return active
 
     def batch_statistics(
         self,
