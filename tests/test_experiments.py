@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
 import time
 
 import pytest
@@ -34,7 +36,7 @@ from foof.experiments.checks import (
 from foof.experiments.figures import FULLBATCH_IMAGES
 from foof.experiments.instruments import KfacFoofCosine, SecondFactorProgress
 from foof.experiments.report import write_report
-from foof.experiments.runner import plan, reproduce
+from foof.experiments.runner import DataCache, execute, plan, reproduce
 from foof.experiments.spec import Figure, Run
 from foof.experiments.toy import toy_example
 from foof.io import read_json, write_json_atomic
@@ -501,10 +503,15 @@ def test_tune_cli_options(capsys):
     with pytest.raises(SystemExit):
         main(["tune", "1D", "--method", "kfac", "--dampings", "1,-2"])
     assert "expected positive numbers" in capsys.readouterr().err
-    command = tune_module.tune_command("1D", "kfac", "standard", 15, 1, "rows", [1.0, 100.0], 2)
+    command = tune_module.tune_command(
+        "1D", "kfac", "standard", 15, 1, "rows", [1.0, 100.0], 2, protocol="short"
+    )
     assert command == (
-        "foof tune 1D --method kfac --mode standard --budget-epochs 15 --dampings 1,100 "
-        "--max-extensions 2"
+        "foof tune 1D --method kfac --mode standard --protocol short --budget-epochs 15 "
+        "--dampings 1,100 --max-extensions 2"
+    )
+    assert tune_module.tune_command("1D", "kfac", "standard", None, 1) == (
+        "foof tune 1D --method kfac --mode standard"
     )
 
 
@@ -522,13 +529,16 @@ def test_tune_searches_saves_and_feeds_reproduce(tmp_path, data_dir, monkeypatch
         progress=False,
         max_extensions=1,
         log=open(tmp_path / "log.txt", "w"),  # noqa: SIM115
+        protocol="short",
     )
     grid_lrs = sorted(point["lr"] for point in entry["grid"])
     assert {0.003, 0.01, 0.03, 0.1, 0.3} <= set(grid_lrs)  # five values around lr=0.03
     assert entry["values"]["lr"] in grid_lrs
     best = min(entry["grid"], key=lambda p: p["loss"] if p["loss"] is not None else math.inf)
     assert best["lr"] == entry["values"]["lr"]
-    assert entry["command"] == "foof tune T1 --method b --mode quick --max-extensions 1"
+    assert entry["command"] == (
+        "foof tune T1 --method b --mode quick --protocol short --max-extensions 1"
+    )
     entries = hp.load(target)
     assert entries["T1/b"]["quick"]["values"] == entry["values"]
     planned = plan(figure, tmp_path, entries=entries)
@@ -546,8 +556,62 @@ def test_tune_searches_saves_and_feeds_reproduce(tmp_path, data_dir, monkeypatch
         max_extensions=1,
         save=False,
         log=open(tmp_path / "log2.txt", "w"),  # noqa: SIM115
+        protocol="short",
     )
     assert again["values"] == entry["values"]
+
+
+def test_tune_full_budget_decides_at_the_full_budget_records_and_resumes(
+    tmp_path, data_dir, monkeypatch
+):
+    figure = dataclasses.replace(
+        _tiny_figure(seeds=1), base={**_tiny_figure().base, "epochs": 3, "eval_train": True}
+    )
+    monkeypatch.setattr(tune_module, "build", lambda name, mode: figure)
+    target = tmp_path / "hyperparameters.json"
+    kwargs = dict(
+        out=tmp_path / "grid",
+        record=tmp_path / "records",
+        hyperparameters_path=target,
+        data_dir=data_dir,
+        progress=False,
+    )
+    entry = tune_module.tune("T1", "b", "quick", log=open(tmp_path / "log.txt", "w"), **kwargs)  # noqa: SIM115
+    assert entry["protocol"] == "full-budget" and entry["rungs"] == [1, 3]
+    assert entry["command"] == "foof tune T1 --method b --mode quick"
+    full = {p["lr"]: p["loss"] for p in entry["grid"] if p["epochs"] == 3}
+    # the winner is the best loss at the full budget, and both its lr neighbours ran it too
+    assert entry["objective"] == min(v for v in full.values() if v is not None)
+    winner = entry["values"]["lr"]
+    index = tune_module.lr_index(winner)
+    for neighbour in (index - 1, index + 1):
+        assert tune_module.lr_value(neighbour) in full
+    assert len(entry["finalists"]) >= 3
+    record = read_json(tmp_path / "records" / "quick" / "T1" / "b.json")
+    assert record["format"] == tune_module.RECORD_FORMAT
+    assert {tuple(sorted(p["budgets"])) for p in record["points"]} <= {("1",), ("1", "3")}
+    for point in record["points"]:
+        for budget in point["budgets"].values():
+            assert set(budget) == {"loss", "diverged", "seconds"}
+    # a rung continues the same run: the 3-epoch loss of a point equals a straight 3-epoch run
+    values = {"lr": winner}
+    planned = tune_module._planned(figure, figure.run("b"), values, 0, 3, tmp_path / "fresh")
+    straight = execute(planned, DataCache(data_dir))
+    assert metric_value(straight, "final_train_loss") == pytest.approx(full[winner], rel=1e-6)
+    # resumable from the record alone (another session: no grid runs, no checkpoints)
+    shutil.rmtree(tmp_path / "grid")
+    monkeypatch.setattr(runner_module, "train", lambda *a, **k: pytest.fail("retrained"))
+    again = tune_module.tune(
+        "T1",
+        "b",
+        "quick",
+        save=False,
+        log=open(tmp_path / "log2.txt", "w"),
+        **kwargs,  # noqa: SIM115
+    )
+    assert again["values"] == entry["values"] and again["grid"] == entry["grid"]
+    with pytest.raises(ValueError, match="--protocol short"):
+        tune_module.tune("T1", "b", "quick", budget_epochs=1, save=False, progress=False)
 
 
 def test_tune_refuses_shared_entries():

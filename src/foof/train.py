@@ -315,6 +315,7 @@ def train(
     download: bool = False,
     callbacks: Sequence[TrainCallback] = (),
     checkpoint: str | os.PathLike[str] | None = None,
+    stop_after_epochs: int | None = None,
 ) -> dict[str, Any]:
     """Train ``config.model`` with ``config.optimizer`` and return (and save) the results.
 
@@ -343,6 +344,12 @@ def train(
         callbacks: per-step hooks (see :class:`TrainCallback`), called in order after those
             the config asks for (``momentum_delay``, ``polyak_decay``); their time is not
             counted in the recorded step times.
+        stop_after_epochs: train only the first this many of ``config.epochs`` epochs: the
+            run is evaluated as if it ended there, the results say ``complete: false`` and
+            ``stopped_after_epoch``, and the checkpoint (required) is kept, so a later call
+            with a larger value (or ``None``) continues the same run. The trajectory does not
+            depend on where it stops (evaluation touches no RNG and no statistics): a prefix
+            of the full run, which successive halving in ``foof tune`` relies on.
 
     Returns:
         The results: ``format``, ``complete``, ``config`` (resolved), ``environment``,
@@ -366,6 +373,14 @@ def train(
     start = time.perf_counter()
     config = config.resolved()
     config.validate()
+    if stop_after_epochs is not None:
+        if not isinstance(stop_after_epochs, int) or not 1 <= stop_after_epochs:
+            raise ConfigError(
+                f"stop_after_epochs must be an integer >= 1, got {stop_after_epochs!r}"
+            )
+        if checkpoint is None and stop_after_epochs < config.epochs:
+            raise ConfigError("stop_after_epochs needs a checkpoint to continue the run from")
+    stop_epoch = min(stop_after_epochs or config.epochs, config.epochs)
     task = TASKS[config.model]
     if data is None:
         data = load_dataset(
@@ -533,7 +548,8 @@ def train(
                     raise checkpoints.TrainingInterrupted(stop.received, checkpoint_path)
             train_time += time.perf_counter() - tick
             last = results["diverged"] or epoch == config.epochs
-            if epoch_losses and (config.eval_every_epoch or last):
+            pause = not last and epoch == stop_epoch
+            if epoch_losses and (config.eval_every_epoch or last or pause):
                 _record_epoch(results, epoch, epoch_losses, train_time)
                 test_loss, test_accuracy = _evaluate(
                     model, loss_fn, x_test, y_test, task, callbacks
@@ -550,6 +566,12 @@ def train(
                 write_json_atomic(out_path, results)
             if results["diverged"]:
                 break
+            if pause:
+                results["stopped_after_epoch"] = epoch
+                _finish(results, start)
+                if out_path is not None and rank == 0:
+                    write_json_atomic(out_path, results)
+                return results
     results["complete"] = True
     _finish(results, start)
     if out_path is not None and rank == 0:

@@ -60,9 +60,12 @@ def add_commands(commands: Any) -> None:
     tune = commands.add_parser(
         "tune",
         help="grid-search a figure run's hyperparameters (App. D.2)",
-        description="Grid search of learning rate (1e-i, 3e-i), damping (10^2k) and, for SGD, "
-        "momentum (0, 0.9), extended where the best value sits on the edge; the best final "
-        "training loss wins and is saved in hyperparameters.json, which reproduce reads.",
+        description="Grid search of learning rate (1e-i, 3e-i), damping (10^2k) and, where "
+        "tuned, momentum (0, 0.9), extended while a best or near-best value sits on an edge "
+        "that is not a divergence boundary; the best final training loss at the figure's full "
+        "budget wins (successive halving on prefixes of the full runs, the winner's "
+        "neighbourhood confirmed at the full budget) and is saved in hyperparameters.json, "
+        "which reproduce reads. Resumes from its record of every point tried.",
     )
     tune.add_argument("figure", type=_figure, metavar="FIGURE")
     tune.add_argument(
@@ -70,10 +73,18 @@ def add_commands(commands: Any) -> None:
     )
     _mode(tune)
     tune.add_argument(
+        "--protocol",
+        choices=("full-budget", "short"),
+        default="full-budget",
+        help="full-budget (default): the paper's protocol, winners by their loss at the "
+        "figure's full budget; short: the earlier searches (--search, --budget-epochs, "
+        "--max-extensions), every point at one fixed budget",
+    )
+    tune.add_argument(
         "--budget-epochs",
         type=_positive,
         default=None,
-        help="train each grid point this many epochs (default: the figure's)",
+        help="--protocol short: train each grid point this many epochs (default: the figure's)",
     )
     tune.add_argument("--seeds", type=_positive, default=1, help="seeds per grid point")
     tune.add_argument("--max-extensions", type=_natural, default=3, help="per side of an axis")
@@ -92,6 +103,13 @@ def add_commands(commands: Any) -> None:
         help="damping values to search (default: the paper's 1e-6,1e-4,...,1e6)",
     )
     tune.add_argument("--out", type=Path, default=None, help="grid runs (default: runs/tuning)")
+    tune.add_argument(
+        "--record",
+        type=Path,
+        default=None,
+        help="directory of the full-budget records, every point tried (default: --out); a "
+        "committed record lets another session resume the search",
+    )
     tune.add_argument(
         "--hyperparameters",
         type=Path,
@@ -215,6 +233,8 @@ def _tune(args: argparse.Namespace) -> int:
                 hyperparameters_path=args.hyperparameters,
                 data_dir=args.data_dir,
                 progress=not args.no_progress,
+                protocol=args.protocol,
+                record=args.record,
             )
         except (KeyError, ValueError) as error:
             raise ConfigError(str(error.args[0]) if error.args else str(error)) from error

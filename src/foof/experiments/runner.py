@@ -298,8 +298,16 @@ def execute(
     planned: PlannedRun,
     cache: DataCache | None = None,
     progress: bool = False,
+    stop_after_epochs: int | None = None,
 ) -> dict[str, Any]:
     """Run one planned run (train it, or compute the toy example) and save its results.
+
+    Args:
+        planned: the run.
+        cache: datasets already loaded.
+        progress: show the training progress bar.
+        stop_after_epochs: train only this many epochs of the run, keeping its checkpoint so a
+            later call continues it (see :func:`foof.train.train`); training runs only.
 
     Returns:
         The results dictionary written to ``planned.path``.
@@ -333,6 +341,7 @@ def execute(
                 data=cache.get(planned.config, planned.figure.test_subset),
                 callbacks=instruments,
                 checkpoint=checkpoint_path(planned.path),
+                stop_after_epochs=stop_after_epochs,
             )
             if instruments:
                 results["metrics"] = {inst.name: inst.summary() for inst in instruments}

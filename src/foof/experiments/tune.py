@@ -1,5 +1,17 @@
 """``foof tune``: the paper's grid search (App. D.2) for one run of a figure.
 
+``protocol="full-budget"`` (the default) is the paper's protocol: the winner is the best final
+training loss at the figure's whole budget, on the paper's grids (learning rate ``{1, 3}·10^i``,
+damping ``10^{2k}`` from ``10^{-6}`` to ``10^6``, momentum ``{0, 0.9}`` where tuned), extended
+without a cap while a best or near-best point sits on an edge that is not a divergence boundary;
+successive halving on prefixes of the full runs keeps its cost down
+(:mod:`foof.experiments.search`). Every point and rung is written to a record
+(``<record>/<mode>/<figure>/<label>.json``) as soon as it finishes, and a rerun of the same
+command skips what the record (or a results file, or a checkpoint) already holds, so an
+interrupted search resumes, also in another session from a committed record.
+
+``protocol="short"`` keeps the earlier searches below, each point at one fixed budget:
+
 * damping ``10^{2k}``: the paper's ``10^{-6}, 10^{-4}, …, 10^6`` (or a given subset), for the
   runs that tune it; momentum ``{0, 0.9}`` for SGD;
 * for every damping (and momentum) value, a learning-rate line search over ``1·10^i`` and
@@ -27,6 +39,7 @@ import math
 import os
 import shlex
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,8 +50,9 @@ from foof.experiments import hyperparameters as hp
 from foof.experiments.checks import format_number, metric_value
 from foof.experiments.figures import build
 from foof.experiments.runner import DataCache, PlannedRun, execute, is_done
+from foof.experiments.search import SearchResult, full_budget_search, rungs
 from foof.experiments.spec import Figure, Run
-from foof.io import read_json
+from foof.io import read_json, write_json_atomic
 from foof.train import TrainConfig
 
 DEFAULT_ROOT = Path("runs") / "tuning"
@@ -51,7 +65,15 @@ PAPER_DAMPINGS = tuple(range(-3, 4))
 """Indices of the paper's damping grid ``10^{-6}, 10^{-4}, …, 10^6`` (see :func:`damping_value`)."""
 
 SEARCHES = ("rows", "window")
-"""Search strategies of :func:`tune`."""
+"""Search strategies of the ``short`` protocol of :func:`tune`."""
+
+PROTOCOLS = ("full-budget", "short")
+"""``full-budget`` (default): :mod:`foof.experiments.search`, winners by their final loss at
+the figure's whole budget; ``short``: the earlier searches (:data:`SEARCHES`), every point at a
+fixed, possibly shortened budget."""
+
+RECORD_FORMAT = "foof.tune/1"
+"""Version tag of a full-budget tuning record (every point tried, per rung)."""
 
 
 def lr_value(index: int) -> float:
@@ -104,6 +126,8 @@ def tune(
     progress: bool = True,
     save: bool = True,
     log: Any = None,
+    protocol: str = "full-budget",
+    record: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Grid-search the hyperparameters of run ``method`` of figure ``figure_name``.
 
@@ -126,6 +150,10 @@ def tune(
         progress: show a progress bar.
         save: write the entry (else only return it).
         log: stream for one line per grid point (default ``sys.stderr``).
+        protocol: one of :data:`PROTOCOLS`; ``full-budget`` ignores ``budget_epochs``,
+            ``search`` and ``max_extensions`` (it has its own rules) and refuses a
+            ``budget_epochs`` other than the figure's.
+        record: directory of full-budget tuning records (default: ``out``).
 
     Returns:
         The entry: ``values`` (the winner), ``objective``, ``grid``, ``command``, ....
@@ -154,6 +182,13 @@ def tune(
         raise ValueError(f"budget_epochs must be >= 1, got {budget_epochs!r}")
     epochs = budget_epochs if budget_epochs is not None else start.epochs
 
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if protocol == "full-budget" and epochs != start.epochs:
+        raise ValueError(
+            f"the full-budget protocol tunes at the figure's {start.epochs} epochs; "
+            f"--budget-epochs {epochs} belongs to --protocol short"
+        )
     if search not in SEARCHES:
         raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
     axes: dict[str, list] = {}
@@ -173,6 +208,27 @@ def tune(
         axes["momentum"] = list(MOMENTA)
     directory = Path(out or DEFAULT_ROOT) / mode / figure.id / run.label
     cache = DataCache(data_dir)
+    if protocol == "full-budget":
+        if "damping" in axes and not dampings:
+            axes["damping"] = list(PAPER_DAMPINGS)
+        record_path = Path(record or out or DEFAULT_ROOT) / mode / figure.id / f"{run.label}.json"
+        entry = _tune_full_budget(
+            figure,
+            run,
+            key,
+            start,
+            axes,
+            seeds,
+            directory / "full-budget",
+            record_path,
+            cache,
+            dampings,
+            progress,
+            log,
+        )
+        if save:
+            hp.save_entry(key, mode, entry, hyperparameters_path)
+        return entry
     results: dict[tuple, float] = {}
     bar = tqdm(disable=not progress, desc=f"tune {figure.id}/{run.label}", unit="run")
 
@@ -218,6 +274,7 @@ def tune(
         "budget_epochs": epochs,
         "epochs": start.epochs,
         "seeds": seeds,
+        "protocol": "short",
         "search": search,
         "grid": [
             {**_values(names, p), "loss": None if math.isinf(v) else v}
@@ -225,7 +282,15 @@ def tune(
         ],
         "axes": names,
         "command": tune_command(
-            figure.id, run.label, mode, budget_epochs, seeds, search, dampings, max_extensions
+            figure.id,
+            run.label,
+            mode,
+            budget_epochs,
+            seeds,
+            search,
+            dampings,
+            max_extensions,
+            protocol="short",
         ),
         "note": (
             f"short tuning run: {epochs} of {start.epochs} epochs"
@@ -248,9 +313,17 @@ def tune_command(
     search: str = "rows",
     dampings: Sequence[float] | None = None,
     max_extensions: int = 3,
+    protocol: str = "full-budget",
 ) -> str:
     """The ``foof tune`` command line that regenerates an entry."""
     parts = ["foof", "tune", figure, "--method", label, "--mode", mode]
+    if protocol == "full-budget":
+        if seeds != 1:
+            parts += ["--seeds", str(seeds)]
+        if dampings:
+            parts += ["--dampings", ",".join(f"{d:g}" for d in dampings)]
+        return shlex.join(parts)
+    parts += ["--protocol", protocol]
     if budget_epochs is not None:
         parts += ["--budget-epochs", str(budget_epochs)]
     if seeds != 1:
@@ -262,6 +335,192 @@ def tune_command(
     if max_extensions != 3:
         parts += ["--max-extensions", str(max_extensions)]
     return shlex.join(parts)
+
+
+def _tune_full_budget(
+    figure: Figure,
+    run: Run,
+    key: str,
+    start: TrainConfig,
+    axes: dict[str, list],
+    seeds: int,
+    directory: Path,
+    record_path: Path,
+    cache: DataCache,
+    dampings: Sequence[float] | None,
+    progress: bool,
+    log: Any,
+) -> dict[str, Any]:
+    """The full-budget protocol (:mod:`foof.experiments.search`) on real training runs."""
+    names = list(axes)
+    full = start.epochs
+    budgets = rungs(full)
+    record = _load_record(record_path, figure, run, key, names, budgets, seeds)
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    done = {_record_key(p): p for p in record["points"]}
+    bar = tqdm(disable=not progress, desc=f"tune {figure.id}/{run.label}", unit="run")
+
+    def evaluate(point: tuple, epochs: int) -> float:
+        values = _values(names, point)
+        entry = done.get(_record_key(values))
+        if entry is not None and str(epochs) in entry["budgets"]:
+            loss = entry["budgets"][str(epochs)]["loss"]
+            return math.inf if loss is None else loss
+        losses, seconds = [], 0.0
+        for seed in range(seeds):
+            planned = _planned(figure, run, values, seed, full, directory)
+            loss = _rung_loss(planned, epochs)
+            if loss is None:
+                tick = time.perf_counter()
+                execute(planned, cache, progress=False, stop_after_epochs=epochs)
+                seconds += time.perf_counter() - tick
+                loss = _rung_loss(planned, epochs)
+                if loss is None:  # pragma: no cover - train always evaluates where it stops
+                    raise RuntimeError(f"{planned.path} holds no loss after epoch {epochs}")
+            losses.append(loss)
+            bar.update()
+        mean = math.fsum(losses) / len(losses)
+        if entry is None:
+            entry = done[_record_key(values)] = {**values, "budgets": {}}
+            record["points"].append(entry)
+        entry["budgets"][str(epochs)] = {
+            "loss": None if math.isinf(mean) else mean,
+            "diverged": math.isinf(mean),
+            "seconds": round(seconds, 2),
+        }
+        record["updated"] = datetime.datetime.now().isoformat(timespec="seconds")
+        write_json_atomic(record_path, record)
+        text = ", ".join(f"{k}={v:g}" for k, v in values.items())
+        bar.write(
+            f"foof: tune {figure.id}/{run.label}: {text}: train loss after {epochs} of {full} "
+            f"epochs {format_number(mean)}",
+            file=log,
+        )
+        return mean
+
+    # A resumed search starts where the record's did, whatever hyperparameters.json says now
+    # (a finished search has replaced the values it started from).
+    origin = record.setdefault("start", {"lr": start.lr, "damping": start.damping})
+    start_row = None
+    if "damping" in axes:
+        start_row = tuple(
+            damping_index(origin["damping"]) if name == "damping" else axes[name][0]
+            for name in names[1:]
+        )
+    try:
+        result = full_budget_search(
+            axes, evaluate, budgets, center_lr=lr_index(origin["lr"]), start_row=start_row
+        )
+    finally:
+        bar.close()
+    entry = _full_budget_entry(figure, run, names, result, seeds, dampings, record_path)
+    record["result"] = {k: entry[k] for k in ("values", "objective", "finalists", "capped")}
+    write_json_atomic(record_path, record)
+    return entry
+
+
+def _full_budget_entry(
+    figure: Figure,
+    run: Run,
+    names: list[str],
+    result: SearchResult,
+    seeds: int,
+    dampings: Sequence[float] | None,
+    record_path: Path,
+) -> dict[str, Any]:
+    full = result.rungs[-1]
+    objective = result.losses[(result.winner, full)]
+    grid = [
+        {**_values(names, point), "epochs": epochs, "loss": None if math.isinf(v) else v}
+        for (point, epochs), v in sorted(result.losses.items())
+    ]
+    return {
+        "values": _values(names, result.winner),
+        "objective": None if math.isinf(objective) else objective,
+        "budget_epochs": full,
+        "epochs": full,
+        "seeds": seeds,
+        "protocol": "full-budget",
+        "rungs": list(result.rungs),
+        "finalists": [_values(names, p) for p in result.finalists],
+        "capped": list(result.capped),
+        "grid": grid,
+        "axes": names,
+        "record": record_path.as_posix(),
+        "command": tune_command(figure.id, run.label, figure.mode, None, seeds, dampings=dampings),
+        "note": (
+            f"full-budget protocol: every point {result.rungs[0]} epochs, the best third on to "
+            f"{', '.join(str(e) for e in result.rungs[1:])}; winner and its neighbours at the "
+            f"full {full} epochs"
+        ),
+        "updated": datetime.date.today().isoformat(),
+    }
+
+
+def _record_key(values: dict[str, Any]) -> tuple:
+    return tuple(
+        sorted((k, float(v)) for k, v in values.items() if k in ("lr", "damping", "momentum"))
+    )
+
+
+def _load_record(
+    path: Path,
+    figure: Figure,
+    run: Run,
+    key: str,
+    names: list[str],
+    budgets: tuple[int, ...],
+    seeds: int,
+) -> dict[str, Any]:
+    """The record at ``path`` if it belongs to this search (same runs, rungs, seeds), else new.
+
+    A record of another config is not reused: its points would be other runs. The check is on
+    the resolved config of the starting point without its tuned values.
+    """
+    identity = {
+        "figure": figure.id,
+        "label": run.label,
+        "key": key,
+        "mode": figure.mode,
+        "axes": names,
+        "rungs": list(budgets),
+        "seeds": seeds,
+        "config": _identity_config(figure, run),
+    }
+    if path.is_file():
+        saved = read_json(path)
+        if saved.get("format") == RECORD_FORMAT and all(
+            saved.get(k) == v for k, v in identity.items()
+        ):
+            return saved
+    return {"format": RECORD_FORMAT, "protocol": "full-budget", **identity, "points": []}
+
+
+def _identity_config(figure: Figure, run: Run) -> dict[str, Any]:
+    config = figure.config(run, 0).to_dict()
+    for name in (*run.tune, "seed"):
+        config.pop(name, None)
+    return config
+
+
+def _rung_loss(planned: PlannedRun, epochs: int) -> float | None:
+    """The training loss of ``planned`` after ``epochs`` epochs, if its results file has it.
+
+    ``inf`` if the run diverged at or before that epoch; None if the file is absent, made by
+    another config, or has not evaluated that epoch.
+    """
+    if not planned.path.is_file():
+        return None
+    results = read_json(planned.path)
+    if results.get("config") != planned.record["config"]:
+        return None
+    recorded = results["epochs"]
+    evaluated = dict(zip(recorded["epoch"], recorded.get("train_eval_loss") or []))
+    if epochs in evaluated and evaluated[epochs] is not None:
+        return float(evaluated[epochs])
+    if results.get("diverged"):
+        return math.inf
+    return None
 
 
 def _search_rows(
