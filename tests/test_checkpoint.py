@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -191,3 +193,32 @@ def test_cli_train_stops_on_sigterm_and_the_same_command_resumes(tmp_path, data_
     assert process.returncode == 130, stderr
     results = read_json(out)
     assert results["resumed"] == 1 and len(results["steps"]["loss"]) > done
+
+
+def test_a_truncated_checkpoint_names_the_problem_and_leaves_no_file_open(tmp_path):
+    from foof import FOOF
+
+    model = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.Tanh(), torch.nn.Linear(20, 3))
+    opt = FOOF(model, lr=0.1, damping=1.0)
+    opt.zero_grad()
+    model(torch.randn(8, 30)).sum().backward()
+    opt.step()
+    path = tmp_path / "run.ckpt.pt"
+    checkpoints.save(path, {"config": {}, "optimizer": opt.state_dict()})
+    whole = path.read_bytes()
+    assert checkpoints.read(path)["optimizer"]["foof"]["optimizer"] == "FOOF"
+    fds = f"/proc/{os.getpid()}/fd"
+    before = len(os.listdir(fds)) if os.path.isdir(fds) else None
+    # cuts at the start, in the middle and near the end give different errors inside torch
+    # (EOFError, a zip reader error, OSError [Errno 22]); every one must read the same
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        for cut in (0, 10, len(whole) // 2, len(whole) - 30):
+            path.write_bytes(whole[:cut])
+            for reader in (checkpoints.read, lambda p: checkpoints.load(p, {})):
+                with pytest.raises(checkpoints.CheckpointError, match="file truncated or corrupt"):
+                    reader(path)
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+    if before is not None:
+        assert len(os.listdir(fds)) == before

@@ -119,6 +119,7 @@ def test_bad_arguments_exit_2_with_argparse_message(args, message, capsys):
 
 
 def test_missing_data_is_a_clean_error(tmp_path, capsys):
+    (tmp_path / "nothing").mkdir()  # a directory without the data (a missing one: see below)
     args = tiny_args(tmp_path / "nothing", "--out", str(tmp_path / "r.json"))
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -238,3 +239,50 @@ def test_app_d6_training_details_are_train_flags(data_dir, tmp_path, capsys):
     assert config["polyak_decay"] == 0.9
     assert main(tiny_args(data_dir, "--polyak-decay", "1.5", "--out", str(out))) == 2
     assert "polyak_decay" in capsys.readouterr().err
+
+
+def test_a_missing_data_directory_is_an_error_not_a_fallback_to_the_cache(
+    data_dir, tmp_path, monkeypatch, capsys
+):
+    cache = tmp_path / "cache" / "foof"  # the data is in the cache (see no_download)
+    cache.mkdir(parents=True)
+    (cache / "mnist-10k.npz").symlink_to(data_dir / "mnist-10k.npz")
+    monkeypatch.delenv("FOOF_DATA", raising=False)
+    out = tmp_path / "r.json"
+    assert main(tiny_args(tmp_path / "nonexistent", "--out", str(out))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("foof: error: data directory") and "does not exist" in err
+    assert not out.exists()
+    assert main(["data", "info", "--data-dir", str(tmp_path / "nonexistent")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_subset_larger_than_the_data_exits_2_with_one_line(data_dir, tmp_path, capsys):
+    args = tiny_args(data_dir, "--subset", "10000000", "--out", str(tmp_path / "r.json"))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    one_line = r"foof: error: subset=10000000 exceeds the \d+ training images of mnist\n"
+    assert re.fullmatch(one_line, err)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "flag"), [("sgd", "--damping"), ("adam", "--damping"), ("adam", "--momentum")]
+)
+def test_an_option_that_does_not_apply_warns(data_dir, tmp_path, capsys, optimizer, flag):
+    args = tiny_args(data_dir, "--optimizer", optimizer, flag, "0.5")
+    assert main([*args, "--out", str(tmp_path / "r.json")]) == 0
+    err = capsys.readouterr().err
+    assert f"foof: warning: {flag} does not apply to --optimizer {optimizer}; ignored" in err
+
+
+def test_a_diverged_run_exits_3_unless_allowed(data_dir, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    args = tiny_args(data_dir, "--lr", "1e30", "--out", str(out))
+    assert main(args) == 3
+    captured = capsys.readouterr()
+    assert "diverged at step" in captured.out  # the summary still says what happened
+    assert "foof: error: the run diverged at step" in captured.err
+    assert "--allow-divergence" in captured.err
+    assert json.loads(out.read_text())["diverged"] is True  # and the results are kept
+    assert main([*args, "--allow-divergence"]) == 0
+    assert "error" not in capsys.readouterr().err

@@ -271,14 +271,14 @@ def _raise_on_rank_one(rank: int, world: int) -> None:
 
 
 def test_a_rank_that_raises_does_not_hang_the_other():
-    start = time.monotonic()
     with pytest.raises(distributed.RankError) as error:
         distributed.launch_local(_raise_on_rank_one, WORLD, timeout=TIMEOUT)
     message = str(error.value)
     assert "rank one fails on purpose" in message
-    # rank 0 failed by itself (connection closed), long before the collective timeout
-    assert "rank 0 raised" in message
-    assert time.monotonic() - start < TIMEOUT
+    # rank 0 failed by itself (connection closed by its peer), not by waiting out the
+    # collective timeout, which would say "Timed out" (see the next test); no clock is read,
+    # so a loaded machine cannot fail this
+    assert "rank 0 raised" in message and "Timed out" not in message
 
 
 def _hang_on_rank_one(rank: int, world: int) -> None:
@@ -288,13 +288,12 @@ def _hang_on_rank_one(rank: int, world: int) -> None:
 
 
 def test_a_rank_that_hangs_makes_the_other_time_out():
-    start = time.monotonic()
     with pytest.raises(distributed.RankError) as error:
         distributed.launch_local(_hang_on_rank_one, WORLD, timeout=3.0)
     message = str(error.value)
     assert "rank 0 raised" in message and "Timed out" in message  # its own collective timeout
+    # terminated while still asleep: the launcher did not wait for it (no clock is read)
     assert "rank 1 returned nothing" in message
-    assert time.monotonic() - start < 60
 
 
 def _train_on_rank(rank: int, world: int, config: dict, out_dir: str) -> dict:

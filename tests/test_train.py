@@ -17,6 +17,7 @@ from foof.train import (
     DEFAULT_HYPERPARAMETERS,
     RESULTS_FORMAT,
     ConfigError,
+    TrainCallback,
     TrainConfig,
     reconstruction_error,
     results_path,
@@ -130,6 +131,19 @@ def test_divergence_stops_early_and_results_stay_valid_json(data_dir, mnist200, 
     assert len(results["steps"]["loss"]) == results["diverged_step"]
     json.loads(out.read_text(), parse_constant=pytest.fail)  # no NaN/Infinity tokens
     assert results["complete"] is True
+
+
+def test_a_huge_finite_loss_is_divergence_and_train_still_returns_results(data_dir, mnist200):
+    class BlowUp(TrainCallback):
+        def after_step(self, context):
+            if context.step == 1:
+                with torch.no_grad():
+                    for p in context.model.parameters():
+                        p.mul_(1e9)  # logits ~1e9: a finite loss a million times the first
+
+    results = train(tiny(data_dir), progress=False, data=mnist200, callbacks=[BlowUp()])
+    assert results["diverged"] is True and results["diverged_step"] == 2
+    assert results["complete"] is True  # a result for reproduce and tune, not an exception
 
 
 def test_full_batch_and_eval_options(data_dir, mnist200):

@@ -98,6 +98,8 @@ class LayerRecord:
             ``E`` pair up whatever order the backward passes ran in (gradient accumulation runs
             one backward per forward, a module used twice is backpropagated last call first).
         calls: forward calls recorded since the last clear.
+        empty_calls: how many of them had an empty input (batch size 0); counted whatever is
+            recorded, so that an optimizer can tell an empty batch from a real one.
     """
 
     inputs: list[Tensor] = field(default_factory=list)
@@ -106,6 +108,7 @@ class LayerRecord:
     input_calls: list[int] = field(default_factory=list)
     output_grad_calls: list[int] = field(default_factory=list)
     calls: int = 0
+    empty_calls: int = 0
 
     def clear(self) -> None:
         """Drop every recorded tensor."""
@@ -115,6 +118,7 @@ class LayerRecord:
         self.input_calls.clear()
         self.output_grad_calls.clear()
         self.calls = 0
+        self.empty_calls = 0
 
 
 class Capture:
@@ -181,6 +185,8 @@ class Capture:
         record = self.records[module]
         call = record.calls
         record.calls += 1
+        if args[0].numel() == 0:
+            record.empty_calls += 1
         if self._record_inputs():
             record.inputs.append(args[0].detach())
             record.input_calls.append(call)

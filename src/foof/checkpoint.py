@@ -111,23 +111,46 @@ def save(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
     return path
 
 
+def read(path: str | os.PathLike[str]) -> Any:
+    """Read a file written by ``torch.save``: a checkpoint, or an optimizer's ``state_dict()``.
+
+    Loaded with ``weights_only=True`` (the file cannot run code) onto the CPU, from a file
+    opened and closed here, so that no handle stays open whatever fails.
+
+    Example:
+        >>> opt.load_state_dict(read("opt.pt"))  # doctest: +SKIP
+
+    Raises:
+        FileNotFoundError: there is no file at ``path``.
+        CheckpointError: the file is truncated, corrupt or not written by foof; the message
+            names the file and the way out (torch's own advises ``weights_only=False``).
+    """
+    path = Path(path)
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - closed by the with below
+    except (IsADirectoryError, PermissionError) as error:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {error}") from error
+    with handle:
+        try:
+            return torch.load(handle, weights_only=True, map_location="cpu")
+        except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
+            detail = (str(error).strip().splitlines() or [""])[0][:120]
+            raise CheckpointError(
+                f"checkpoint {path} cannot be read: file truncated or corrupt, or not written "
+                f"by foof ({type(error).__name__}: {detail}); delete it to start the run afresh"
+            ) from error
+
+
 def load(path: str | os.PathLike[str], config: dict[str, Any]) -> dict[str, Any]:
     """Read the checkpoint at ``path`` made by the run ``config`` (a ``TrainConfig.to_dict()``).
 
     Raises:
-        CheckpointError: the file is unreadable, not a foof checkpoint, or was made with a
-            different config (the message names the differing fields and the way out).
+        CheckpointError: the file is unreadable (see :func:`read`), not a foof checkpoint, or
+            was made with a different config (the message names the differing fields and the
+            way out).
     """
     path = Path(path)
-    try:
-        payload = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
-        # torch's own message advises weights_only=False, which we never do: name the file and
-        # the way out instead
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read (truncated, or not written by foof: "
-            f"{type(error).__name__}); delete it to start the run afresh"
-        ) from error
+    payload = read(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} checkpoint; delete it or pass another")
     saved = payload.get("config", {})

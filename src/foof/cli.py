@@ -3,9 +3,10 @@
 The experiment commands ``reproduce``, ``tune`` and ``report`` come from
 :mod:`foof.experiments.cli`.
 
-Exit status: 0 on success (also when a run diverged: that is a result, reported in the summary
-and the results file), 2 for bad arguments, missing data or an unwritable output, 130 when
-interrupted.
+Exit status: 0 on success, 2 for bad arguments (sizes larger than the data included), missing
+data or data directories, or an unwritable output, 3 when a ``foof train`` run diverged (its
+results file is still written; ``--allow-divergence`` makes that 0; ``reproduce`` and ``tune``
+record diverged runs as results and go on), 130 (SIGINT) or 143 (SIGTERM) when interrupted.
 """
 
 from __future__ import annotations
@@ -40,12 +41,20 @@ from foof.optim.natural import FISHER_BATCHES
 from foof.optim.registry import OPTIMIZERS
 from foof.train import (
     DEFAULT_HYPERPARAMETERS,
+    DIVERGENCE_FACTOR,
     WARM_START_OPTIMIZERS,
     ConfigError,
     TrainConfig,
+    check_data_dir,
     results_path,
     train,
 )
+
+EXIT_DIVERGED = 3
+"""Exit status of a ``foof train`` run that diverged (without ``--allow-divergence``)."""
+
+IGNORED_OPTIONS = {"sgd": ("damping",), "adam": ("damping", "momentum")}
+"""Options ``build_optimizer`` drops for an optimizer that has no such hyperparameter."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -234,6 +243,12 @@ def _add_train(commands: Any) -> None:
         "command resumes from it; default: the results file with .ckpt.pt",
     )
     arg("--no-progress", action="store_true", help="no progress bar")
+    arg(
+        "--allow-divergence",
+        action="store_true",
+        help=f"exit 0 when the run diverges (loss non-finite or above {DIVERGENCE_FACTOR:g}x "
+        f"the first step's); default: exit {EXIT_DIVERGED}",
+    )
     train_parser.set_defaults(handler=_train)
 
 
@@ -280,6 +295,13 @@ def _init_batches(args: argparse.Namespace) -> int | None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    for name in IGNORED_OPTIONS.get(args.optimizer, ()):
+        if getattr(args, name) is not None:
+            flag = "--" + name.replace("_", "-")
+            print(
+                f"foof: warning: {flag} does not apply to --optimizer {args.optimizer}; ignored",
+                file=sys.stderr,
+            )
     config = TrainConfig(
         dataset=args.dataset,
         model=args.model,
@@ -321,6 +343,15 @@ def _train(args: argparse.Namespace) -> int:
     )
     if distributed.rank() == 0:  # under torchrun every rank runs this; one summary
         print(_summary(results, out))
+    if results["diverged"] and not args.allow_divergence:
+        if distributed.rank() == 0:
+            print(
+                f"foof: error: the run diverged at step {results['diverged_step']} (loss "
+                f"non-finite or above {DIVERGENCE_FACTOR:g}x the first step's); results in "
+                f"{out}. Pass --allow-divergence to exit 0 on divergence",
+                file=sys.stderr,
+            )
+        return EXIT_DIVERGED
     return 0
 
 
@@ -370,6 +401,7 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    check_data_dir(args.data_dir)
     dirs = search_dirs(args.data_dir)
     print("foof: searched, in order: " + ", ".join(str(d) for d in dirs))
     for name in DATASETS:

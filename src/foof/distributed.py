@@ -124,11 +124,16 @@ def _device(like: Tensor | None = None) -> torch.device:
 
 def any_rank(flag: bool, like: Tensor | None = None) -> bool:
     """Whether ``flag`` is true on at least one rank (an ``int32`` max all-reduce, 4 bytes)."""
+    return bool(max_over_ranks(int(flag), like))
+
+
+def max_over_ranks(number: int, like: Tensor | None = None) -> int:
+    """The largest of every rank's ``number`` (an ``int32`` max all-reduce, 4 bytes)."""
     if not is_distributed():
-        return flag
-    value = torch.tensor([int(flag)], dtype=torch.int32, device=_device(like))
+        return number
+    value = torch.tensor([number], dtype=torch.int32, device=_device(like))
     _run("all_reduce", value, lambda: dist.all_reduce(value, op=dist.ReduceOp.MAX))
-    return bool(value.item())
+    return int(value.item())
 
 
 def all_reduce_mean_(tensor: Tensor) -> Tensor:

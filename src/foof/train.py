@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from foof import checkpoint as checkpoints
 from foof import distributed
-from foof.data import Dataset, load_dataset
+from foof.data import DataError, Dataset, load_dataset
 from foof.image_data import augment_batch
 from foof.io import write_json_atomic
 from foof.models import TASKS, build_model
@@ -89,6 +89,9 @@ LIKELIHOOD_OPTIMIZERS = ("kfac", "natural")
 _LIKELIHOODS = {"classification": "categorical", "reconstruction": "gaussian"}
 LossFunction = Callable[[Tensor, Tensor], Tensor]
 """A loss: network output and target ``(B, ...)`` to a scalar mean over the batch."""
+
+DIVERGENCE_FACTOR = 1e6
+"""A step loss above this many times ``max(1, first step's loss)`` counts as divergence."""
 
 _EVAL_BATCH = 1000  # bounds evaluation memory (a CNN on 10,000 images needs ~1 GB at once)
 
@@ -319,7 +322,9 @@ def train(
 ) -> dict[str, Any]:
     """Train ``config.model`` with ``config.optimizer`` and return (and save) the results.
 
-    Losses of non-finite value stop the run early with ``diverged: true`` instead of raising;
+    A loss that is non-finite or above :data:`DIVERGENCE_FACTOR` times ``max(1, the first
+    step's loss)`` stops the run early with ``diverged: true`` instead of raising (a search
+    records a diverged run as a result); the diverging step's loss is not recorded, and
     non-finite numbers are stored as ``null`` so the results stay valid JSON.
 
     Times (``steps.time``, ``epochs.time``) are seconds of training since the start, excluding
@@ -361,7 +366,8 @@ def train(
         ``test_accuracy`` is ``None`` for the autoencoder.
 
     Raises:
-        ConfigError: the config is invalid or the optimizer rejects its hyperparameters.
+        ConfigError: the config is invalid, the optimizer rejects its hyperparameters,
+            ``config.data_dir`` is not a directory or ``config.subset`` exceeds the data.
         foof.data.DataError: the dataset is missing or corrupt.
 
     Example:
@@ -383,13 +389,19 @@ def train(
     stop_epoch = min(stop_after_epochs or config.epochs, config.epochs)
     task = TASKS[config.model]
     if data is None:
-        data = load_dataset(
-            config.dataset,
-            data_dir=config.data_dir,
-            subset=config.subset,
-            seed=config.subset_seed,
-            download=download,
-        )
+        check_data_dir(config.data_dir)
+        try:
+            data = load_dataset(
+                config.dataset,
+                data_dir=config.data_dir,
+                subset=config.subset,
+                seed=config.subset_seed,
+                download=download,
+            )
+        except DataError:
+            raise
+        except ValueError as error:  # a subset larger than the data
+            raise ConfigError(str(error)) from error
     elif data.name != config.dataset:
         raise ConfigError(f"data holds {data.name!r} but config.dataset is {config.dataset!r}")
     elif config.subset is not None and len(data.y_train) != config.subset:
@@ -513,7 +525,8 @@ def train(
                 output = network(inputs)
                 loss = loss_fn(output, y_train[index])
                 value = _global_mean(loss, len(index))
-                if not math.isfinite(value):
+                first_loss = results["steps"]["loss"][0] if results["steps"]["loss"] else value
+                if not value <= DIVERGENCE_FACTOR * max(1.0, first_loss):  # NaN included
                     results["diverged"] = True
                     results["diverged_step"] = len(results["steps"]["loss"])
                     break
@@ -615,6 +628,20 @@ def _warm_start(
         num_batches=config.init_batches,
         model=model,
     )
+
+
+def check_data_dir(data_dir: str | os.PathLike[str] | None) -> None:
+    """Refuse a data directory that does not exist, instead of falling back to the cache.
+
+    Raises:
+        ConfigError: ``data_dir`` is given and is not a directory.
+    """
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        raise ConfigError(
+            f"data directory {data_dir} does not exist (or is not a directory); pass the "
+            "directory that holds the dataset files, or leave --data-dir out to search "
+            "$FOOF_DATA and the user cache"
+        )
 
 
 def _global_mean(loss: Tensor, count: int) -> float:

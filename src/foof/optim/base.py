@@ -8,7 +8,9 @@ checkpoints) the same way for all of them.
 
 from __future__ import annotations
 
+import itertools
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,6 +24,10 @@ from foof.optim.fused import WeightGradientSkipper
 from foof.validation import check_choice, check_range
 
 NONFINITE_POLICIES = ("skip", "raise")
+
+#: the live foof optimizers hooked into each layer, to warn when a second one hooks the same
+#: model (weak on both sides: neither the layer nor the optimizer is kept alive by it)
+_HOOKED_BY: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet] = weakref.WeakKeyDictionary()
 
 
 class NonFiniteError(FloatingPointError):
@@ -78,6 +84,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     of ``param_groups[0]`` work as with any torch optimizer. The step counter is
     ``param_groups[0]["step"]``; per-layer state (factors, inverses, momentum) is stored under
     the layer's weight and is saved by ``state_dict()``.
+
+    Parameters, as in ``torch.optim``: the group holds every parameter of the model, frozen ones
+    included. A parameter with ``requires_grad=False`` (or without a gradient) is left alone on
+    a step; one unfrozen later (gradual unfreezing) trains from then on, and a supported layer
+    whose weight is unfrozen is preconditioned from its first statistics step (until then, if
+    that is not the step it is unfrozen on, it gets a plain gradient step, with a warning).
+    ``add_param_group`` is refused: the optimizer preconditions the layers of the model it was
+    built on. :attr:`layers` are the supported layers whose weight is trainable right now.
+
+    A step is skipped, changing nothing (parameters, momentum, statistics, the step counter),
+    when it meets a NaN/Inf (see ``nonfinite``) or an empty batch (no input row reached any
+    layer, e.g. the last batch of a filtered loader); each cause warns once.
+    ``step()`` without a gradient (no backward since the last ``zero_grad()``) raises.
     """
 
     #: state keys holding curvature factors; kept in their own dtype across load_state_dict.
@@ -98,21 +117,25 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         check_range("weight_decay", defaults.get("weight_decay", 0.0), 0.0)
         defaults.setdefault("nonfinite", "skip")
         check_choice("nonfinite", defaults["nonfinite"], NONFINITE_POLICIES)
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
+        # Every parameter, frozen ones included, as torch.optim keeps them: one frozen now and
+        # unfrozen later (gradual unfreezing) is then updated instead of silently left out.
+        params = list(model.parameters())
+        if not any(p.requires_grad for p in params):
             raise ValueError("the model has no trainable parameters")
         super().__init__([{"params": params, "step": 0}], defaults)
-        self.layers: dict[str, nn.Module] = {
-            name: m
-            for name, m in model.named_modules()
-            if is_supported(m) and m.weight.requires_grad
+        self._built = True
+        #: every supported layer of the model, trainable or not (see :attr:`layers`).
+        self.model_layers: dict[str, nn.Module] = {
+            name: m for name, m in model.named_modules() if is_supported(m)
         }
-        owned = {id(p) for m in self.layers.values() for p in m.parameters(recurse=False)}
+        owned = {id(p) for m in self.model_layers.values() for p in m.parameters(recurse=False)}
         self.other_params = [p for p in params if id(p) not in owned]
         warn_unsupported(model, type(self).__name__)
         self._warned: set[str] = set()
-        #: steps skipped because of non-finite values since construction.
+        #: steps skipped (empty batch, non-finite values) since construction.
         self.skipped_steps = 0
+        #: layers a method leaves unpreconditioned on the current step (plain gradient).
+        self._unpreconditioned: set[nn.Module] = set()
         if fused_backward and distributed.is_distributed():
             raise ValueError(
                 "fused_backward=True is not available under torch.distributed: DDP reduces the "
@@ -120,18 +143,71 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             )
         self.fused_backward = bool(fused_backward)
         self._probes: dict[nn.Module, Tensor] = {}
+        # The hooks ask the optimizer through a weak reference: a strong one (a bound method, a
+        # lambda over self) would make optimizer -> capture -> hook -> optimizer a cycle, and a
+        # dropped optimizer would keep recording until the cycle collector happened to run.
+        self_ref = weakref.ref(self)
+
+        def asks(*questions: str) -> Callable[[], bool]:
+            def predicate() -> bool:
+                opt = self_ref()
+                return opt is not None and any(getattr(opt, q)() for q in questions)
+
+            return predicate
+
         self.capture = Capture(
             model,
-            record_inputs=lambda: self.fuses() or self.wants_inputs(),
-            record_outputs=self.wants_outputs,
-            record_output_grads=lambda: self.fuses() or self.wants_output_grads(),
+            record_inputs=asks("fuses", "wants_inputs"),
+            record_outputs=asks("wants_outputs"),
+            record_output_grads=asks("fuses", "wants_output_grads"),
         )
         self._skipper = (
             WeightGradientSkipper(
-                [m for m in self.layers.values() if isinstance(m, nn.Linear)], active=self.fuses
+                [m for m in self.model_layers.values() if isinstance(m, nn.Linear)],
+                active=asks("fuses"),
             )
             if self.fused_backward
             else None
+        )
+        self._warn_if_hooked_twice()
+
+    @property
+    def layers(self) -> dict[str, nn.Module]:
+        """The preconditioned layers: supported layers whose weight is trainable now, by name."""
+        return {n: m for n, m in self.model_layers.items() if m.weight.requires_grad}
+
+    def _warn_if_hooked_twice(self) -> None:
+        """Warn if another live foof optimizer hooks this model's layers; register this one."""
+        others: set[str] = set()
+        for module in self.model_layers.values():
+            owners = _HOOKED_BY.setdefault(module, weakref.WeakSet())
+            others.update(type(o).__name__ for o in owners if o is not self)
+            owners.add(self)
+        if others:
+            warnings.warn(
+                f"{type(self).__name__}: this model is already hooked by a live "
+                f"{' and a '.join(sorted(others))} optimizer; both record statistics on every "
+                "forward pass. close() the old optimizer (or build it in a `with` block) before "
+                "building another on the same model",
+                stacklevel=4,
+            )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Refused after construction: the optimizer preconditions its model's layers.
+
+        Raises:
+            ValueError: always, once the optimizer is built (``torch.optim`` calls this for
+                the initial group itself).
+        """
+        if not getattr(self, "_built", False):
+            super().add_param_group(param_group)
+            return
+        raise ValueError(
+            f"{type(self).__name__} does not support add_param_group: it preconditions the "
+            "layers of the model it was built on, with one parameter group. Its parameters "
+            "already include the model's frozen ones, which train once unfrozen "
+            "(requires_grad_(True)); for parameters outside the model, build the optimizer on a "
+            "module that holds them all, or train them with a separate torch.optim optimizer"
         )
 
     # -- what a method needs captured on the coming step (asked at forward time) --------------
@@ -261,17 +337,32 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return state
 
     def _layer_signature(self) -> dict[str, list[int]]:
-        """Each preconditioned layer's gradient-matrix shape ``[out, in_dim]``, by name."""
+        """Each supported layer's gradient-matrix shape ``[out, in_dim]``, by name."""
         signature = {}
-        for name, module in self.layers.items():
+        for name, module in self.model_layers.items():
             signature[name] = [module.weight.shape[0], layer_in_dim(module)]
         return signature
 
     def _check_compatible(self, state_dict: dict[str, Any]) -> None:
-        """Refuse, with a message that says what differs, a checkpoint of another setup."""
-        meta = state_dict.get("foof")
-        if meta is None:
-            return  # a plain torch.optim state dict: torch checks the group sizes itself
+        """Refuse, with a message that says what differs, a checkpoint of another setup.
+
+        Layers are matched in order and shape: a model saved inside a wrapper (DDP's
+        ``module.``, ``torch.compile``'s ``_orig_mod.``, any container) loads into the bare
+        model and back, since its parameters come in the same order.
+        """
+        meta = state_dict.get("foof") if isinstance(state_dict, dict) else None
+        if not isinstance(meta, dict):
+            groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+            held = ""
+            if isinstance(groups, list) and groups and isinstance(groups[0], dict):
+                held = "; its parameter group holds " + ", ".join(
+                    sorted(str(k) for k in groups[0] if k != "params")
+                )
+            raise ValueError(
+                f"this is not a foof optimizer state (no 'foof' entry{held}): "
+                f"{type(self).__name__}.load_state_dict takes what a {type(self).__name__}'s "
+                "state_dict() returned; nothing was loaded"
+            )
         if meta["optimizer"] != type(self).__name__:
             raise ValueError(
                 f"this checkpoint is from a {meta['optimizer']} optimizer, not "
@@ -279,13 +370,21 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             )
         ours = self._layer_signature()
         theirs = {name: list(shape) for name, shape in meta["layers"].items()}
-        if ours != theirs:
-            differences = [
-                f"layer {name!r}: checkpoint {theirs.get(name, 'absent')}, model "
-                f"{ours.get(name, 'absent')}"
-                for name in sorted(set(ours) | set(theirs))
-                if ours.get(name) != theirs.get(name)
-            ]
+        if list(ours.values()) != list(theirs.values()):
+            if set(ours) == set(theirs):
+                differences = [
+                    f"layer {name!r}: checkpoint {theirs[name]}, model {ours[name]}"
+                    for name in ours
+                    if ours[name] != theirs[name]
+                ]
+            else:  # named differently as well: say which position differs
+                differences = [
+                    f"layer #{i}: checkpoint {t[0]!r} {t[1]}, model {o[0]!r} {o[1]}"
+                    for i, (t, o) in enumerate(
+                        itertools.zip_longest(theirs.items(), ours.items(), fillvalue=("-", []))
+                    )
+                    if t[1] != o[1]
+                ]
             raise ValueError(
                 "this checkpoint was saved for a different model (layer [out, in_dim] shapes "
                 "differ): " + "; ".join(differences[:5]) + ("; ..." if len(differences) > 5 else "")
@@ -298,42 +397,116 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """Take one optimization step (see the class docstring for the update)."""
+        """Take one optimization step (see the class docstring for the update).
+
+        Raises:
+            RuntimeError: no parameter has a gradient (no backward since the last
+                ``zero_grad()``); nothing is changed.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
-        fault = self.find_nonfinite(loss)
-        if fault is not None:
-            self._skip_step(fault, group)
+        self._check_backward_ran(group)
+        skip = self._skip_reason(loss)
+        if skip is not None:
+            self._skip_step(*skip, group)
             return loss
+        self._unpreconditioned = set()
         # Curvature algebra stays in the factors' precision even if step() runs under autocast.
         with torch.autocast(device_type=group["params"][0].device.type, enabled=False):
             self.update_curvature(group)
             for _, module, state in self.layer_items():
                 grad = gradient_matrix(module)
-                if grad is not None:
+                factors = None if grad is not None else self.gradient_factors(module)
+                if grad is None and factors is None:
+                    continue
+                if module in self._unpreconditioned:  # no curvature yet: the plain gradient
+                    direction = grad if grad is not None else factors[0].T @ factors[1]
+                    direction = direction.to(module.weight.dtype)
+                elif grad is not None:
                     direction = self.precondition(module, grad, group)
                 else:
-                    factors = self.gradient_factors(module)
-                    if factors is None:
-                        continue
                     direction = self.precondition_factors(module, *factors, group)
                 self._apply(state, [module.weight, module.bias], direction, group)
-            for param in self.other_params:
+            for param in self.plain_params():
                 if param.grad is not None:
                     self._apply(self.state[param], [param], param.grad, group)
         group["step"] += 1
         self.capture.clear()
         return loss
 
+    def plain_params(self) -> list[Tensor]:
+        """Parameters updated by plain SGD(+momentum) this step.
+
+        Those of unsupported layers, and the biases of supported layers whose weight is frozen.
+        """
+        biases = [
+            m.bias
+            for m in self.model_layers.values()
+            if not m.weight.requires_grad and m.bias is not None
+        ]
+        return self.other_params + biases
+
+    def _check_backward_ran(self, group: dict[str, Any]) -> None:
+        """Raise before anything changes if no parameter has a gradient to step with."""
+        if any(p.grad is not None for p in group["params"]):
+            return
+        if self.fused_backward and any(
+            self.capture.records[m].output_grads for m in self.layers.values()
+        ):
+            return  # the fused backward forms no weight gradient, E and A stand for it
+        raise RuntimeError(
+            f"{type(self).__name__}.step(): no parameter has a gradient. Call loss.backward() "
+            "(opt.backward(loss, output) for KFAC and natural gradients) before step(), or "
+            f"pass a closure that does; nothing was changed (step counter {group['step']})"
+        )
+
+    def batch_is_empty(self) -> bool:
+        """Whether this step's forward passes had inputs, all of them empty (batch size 0)."""
+        calls = empty = 0
+        for module in self.model_layers.values():
+            record = self.capture.records[module]
+            calls += record.calls
+            empty += record.empty_calls
+        return calls > 0 and empty == calls
+
+    def _skip_reason(self, loss: Tensor | None) -> tuple[str, bool] | None:
+        """Why this step must change nothing, and whether it is a non-finite value; or None."""
+        reason, nonfinite = None, False
+        if self.batch_is_empty():
+            # mean losses of an empty batch are NaN and its gradients 0: neither is a step
+            reason = "the batch is empty (no input rows reached any layer)"
+        else:
+            fault = self._first_nonfinite(loss)
+            if fault is not None:
+                reason, nonfinite = f"{fault} is not finite", True
+        # Under torch.distributed every rank must skip (or raise on) the same steps, or a rank
+        # that skips alone would leave the others waiting in the next statistics reduction.
+        local = 2 if nonfinite else int(reason is not None)
+        worst = distributed.max_over_ranks(local, like=self.param_groups[0]["params"][0])
+        if worst == local:
+            return None if reason is None else (reason, nonfinite)
+        if worst == 2:
+            return "a loss, gradient or statistic on another rank is not finite", True
+        return "the batch is empty on another rank", False
+
     def find_nonfinite(self, loss: Tensor | None = None) -> str | None:
         """Name the first non-finite quantity this step would use, or None if all are finite.
 
         Checked: the closure's loss, every parameter gradient, the recorded layer inputs and the
         Fisher's pending output gradients, so that nothing non-finite reaches a statistic.
+        Under ``torch.distributed`` a fault on any rank is one on every rank.
         """
+        fault = self._first_nonfinite(loss)
+        like = self.param_groups[0]["params"][0]
+        if distributed.any_rank(fault is not None, like=like) and fault is None:
+            fault = "a loss, gradient or statistic on another rank"
+        return fault
+
+    def _first_nonfinite(self, loss: Tensor | None) -> str | None:
+        """:meth:`find_nonfinite` on this process alone."""
         named: list[tuple[str, Tensor]] = []
         if loss is not None:
             named.append(("the loss", loss.detach()))
@@ -346,7 +519,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if self.fused_backward and module.weight.grad is None:
                 for grads in self.capture.records[module].output_grads:
                     named.append((f"the output gradients of layer {name!r}", grads))
-        for index, param in enumerate(self.other_params):
+        for index, param in enumerate(self.plain_params()):
             if param.grad is not None:
                 named.append((f"the gradient of unsupported parameter #{index}", param.grad))
         if self.sampler is not None and self.sampler.pending is not None:
@@ -364,26 +537,24 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 finite = torch.stack([torch.isfinite(t).all() for _, t in named])
                 if not bool(finite.all()):
                     fault = named[int((~finite).nonzero()[0])][0]
-        # Under torch.distributed every rank must skip the same steps, or a rank that skips
-        # alone would leave the others waiting in the next statistics reduction.
-        like = self.param_groups[0]["params"][0]
-        if distributed.any_rank(fault is not None, like=like) and fault is None:
-            fault = "a loss, gradient or statistic on another rank"
         return fault
 
-    def _skip_step(self, fault: str, group: dict[str, Any]) -> None:
-        """Leave parameters, momentum, statistics and the step counter as they were."""
+    def _skip_step(self, reason: str, nonfinite: bool, group: dict[str, Any]) -> None:
+        """Leave parameters, momentum, statistics and the step counter as they were.
+
+        ``nonfinite="raise"`` raises for a non-finite value; an empty batch is always skipped.
+        """
         self.capture.clear()
         if self.sampler is not None:
             self.sampler.clear()
         message = (
-            f"{type(self).__name__}: step {group['step']} skipped, {fault} is not finite "
+            f"{type(self).__name__}: step {group['step']} skipped, {reason} "
             "(parameters, momentum and statistics left unchanged)"
         )
-        if group["nonfinite"] == "raise":
+        if group["nonfinite"] == "raise" and nonfinite:
             raise NonFiniteError(message)
-        if fault not in self._warned:
-            self._warned.add(fault)
+        if reason not in self._warned:
+            self._warned.add(reason)
             warnings.warn(
                 message + "; further skips for this cause are silent", RuntimeWarning, stacklevel=3
             )
@@ -448,6 +619,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.capture.close()
         if self._skipper is not None:
             self._skipper.close()
+        for module in self.model_layers.values():
+            owners = _HOOKED_BY.get(module)
+            if owners is not None:
+                owners.discard(self)
 
     def __enter__(self) -> CurvatureOptimizer:
         return self

@@ -12,6 +12,7 @@ broadcast.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -400,11 +401,27 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
     def update_curvature(self, group: dict[str, Any]) -> None:
         """EMA of the factors on statistics steps, then the inverses on inversion steps."""
         invert = is_inversion_step(group["step"], group["inv_every"], warmup(group))
+        stats_step = self.is_stats_step()
         active = self.update_statistics(group)
-        pending = [item for item in active if invert or not self.has_inverse(item[2])]
-
-        for name, _, state in pending:
+        pending = []
+        for name, module, state in active:
+            if not invert and self.has_inverse(state):
+                continue
             missing = [k for k in self.factor_names() if k not in state]
+            if missing and not stats_step:
+                # Step 0 is a statistics step, so this layer joined since the last one
+                # (unfrozen, or first used by the loss): nothing to invert before the next one.
+                self._unpreconditioned.add(module)
+                if f"joined {name}" not in self._warned:
+                    self._warned.add(f"joined {name}")
+                    warnings.warn(
+                        f"{type(self).__name__}: layer {name!r} has no statistics yet (unfrozen "
+                        f"or first used after the last statistics step); step {group['step']} "
+                        "gives it a plain gradient step, it is preconditioned from its first "
+                        "statistics step on",
+                        stacklevel=4,
+                    )
+                continue
             if missing:
                 raise RuntimeError(
                     f"{type(self).__name__}: no statistics ({', '.join(missing)}) for layer "
@@ -413,6 +430,7 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
                     + (", and call opt.backward(loss, output)" if self.uses_gradient_factor else "")
                     + "."
                 )
+            pending.append((name, module, state))
         self.invert_layers(pending, group)
 
     def update_statistics(self, group: dict[str, Any]) -> list[tuple[str, nn.Module, dict]]:
@@ -437,7 +455,7 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
             for _, module, state in active:
                 dtype = factor_dtype(module.weight)
                 rows = self.layer_rows(module)
-                if rows is not None:
+                if rows is not None and rows.shape[0] > 0:  # a layer no row reached: no mean
                     state["input_covariance"] = update_second_moment_ema_(
                         state.get("input_covariance"), rows.to(dtype), rows.shape[0], decay
                     )

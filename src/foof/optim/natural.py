@@ -122,9 +122,15 @@ class NaturalGradient(CurvatureOptimizer):
         self._directions: dict[nn.Module, Tensor] = {}
 
     def is_refresh_step(self) -> bool:
-        """Whether this step takes a new Fisher batch."""
+        """Whether this step takes a new Fisher batch.
+
+        Every ``inv_every`` steps, and whenever a layer has none stored (it was unfrozen since
+        the last refresh).
+        """
         group = self.param_groups[0]
-        return group["step"] % group["inv_every"] == 0
+        if group["step"] % group["inv_every"] == 0:
+            return True
+        return any("fisher_inputs" not in state for _, _, state in self.layer_items())
 
     def wants_inputs(self) -> bool:
         """Record ``A`` on every step: the Fisher batch, and the factors of ``∇L = EᵀA``."""
