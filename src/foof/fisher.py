@@ -220,9 +220,9 @@ def _negative_log_likelihood(output: Tensor, targets: Tensor, likelihood: str) -
         return nn.functional.cross_entropy(rows, targets.reshape(-1), reduction="none")
     targets = targets.reshape(rows.shape).to(rows.dtype)
     if likelihood == "bernoulli":
-        return nn.functional.binary_cross_entropy_with_logits(
-            rows, targets, reduction="none"
-        ).sum(-1)
+        return nn.functional.binary_cross_entropy_with_logits(rows, targets, reduction="none").sum(
+            -1
+        )
     return 0.5 * (rows - targets).square().sum(-1)
 
 
