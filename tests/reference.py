@@ -185,7 +185,8 @@ def output_fisher_matrices(output: Tensor, likelihood: str) -> Tensor:
 
     # the Hessian does not depend on the label for these likelihoods: take any valid one
     target = torch.full_like(rows, 1.0 / rows.shape[-1]) if likelihood != "gaussian" else rows
-    hessian = torch.func.vmap(torch.func.hessian(negative_log_likelihood))
+    # reverse over reverse: torch.func.hessian's forward mode imports TorchScript decompositions
+    hessian = torch.func.vmap(jacrev(jacrev(negative_log_likelihood)))
     flat = hessian(rows.reshape(-1, rows.shape[-1]), target.reshape(-1, rows.shape[-1]))
     return flat.reshape(*rows.shape, rows.shape[-1])
 
@@ -283,3 +284,27 @@ def kfac_general_factors(
         rows = layer_input_rows(layer, inp)
         input_cov[layer] = rows.T @ rows / rows.shape[0]
     return input_cov, gradient_cov
+
+
+def fisher_residuals(
+    model: nn.Module, x: Tensor, y: Tensor, fisher: str, likelihood: str, seed: int
+) -> Tensor | None:
+    """The output gradients a Fisher type uses (``None``: the exact expectation, ``"full"``).
+
+    ``"mc"``: those foof's sampler draws first from a generator seeded with ``seed``;
+    ``"empirical"``: at the dataset labels ``y``.
+    """
+    with torch.no_grad():
+        out = model(x)
+    if fisher == "full":
+        return None
+    if fisher == "mc":
+        return mc_residuals(out, likelihood, torch.Generator().manual_seed(seed))
+    return label_residuals(out, y, likelihood)
+
+
+def flat_parameters(model: nn.Module) -> Tensor:
+    """The model's Linear/Conv2d parameters in layer-matrix order, detached."""
+    return flatten_layer_matrices(
+        model, {k: v.detach().clone() for k, v in model.named_parameters()}
+    )

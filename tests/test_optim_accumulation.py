@@ -17,7 +17,7 @@ from foof import FOOF, KFAC, NaturalGradient
 from tests.reference import (
     dense_general_fisher,
     flat_gradient,
-    flatten_layer_matrices,
+    flat_parameters,
     kfac_general_factors,
     mc_residuals,
 )
@@ -35,21 +35,15 @@ def setup():
     return model, x, y
 
 
-def flat_params(model):
-    return flatten_layer_matrices(
-        model, {k: v.detach().clone() for k, v in model.named_parameters()}
-    )
-
-
 def step(model, opt, x, y, micro_batches):
     """One step over ``micro_batches`` equal micro-batches; returns the parameter change / lr."""
-    before = flat_params(model)
+    before = flat_parameters(model)
     opt.zero_grad()
     for xs, ys in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
         logits = model(xs)
         opt.backward(nn.functional.cross_entropy(logits, ys) / micro_batches, logits)
     opt.step()
-    return (before - flat_params(model)) / opt.param_groups[0]["lr"]
+    return (before - flat_parameters(model)) / opt.param_groups[0]["lr"]
 
 
 def make(name, model, fisher):

@@ -19,11 +19,11 @@ from foof.curvature.sampling import LossScaleWarning
 from tests.reference import (
     convention_loss,
     dense_general_fisher,
+    fisher_residuals,
     flat_gradient,
+    flat_parameters,
     flatten_layer_matrices,
     kfac_general_factors,
-    label_residuals,
-    mc_residuals,
 )
 
 TOL = dict(rtol=1e-8, atol=1e-12)
@@ -57,22 +57,6 @@ def sequence_batch(likelihood, classes=VOCAB, seed=1):
     return x, y
 
 
-def residuals_for(model, x, y, fisher, likelihood, seed):
-    with torch.no_grad():
-        out = model(x)
-    if fisher == "full":
-        return None
-    if fisher == "mc":
-        return mc_residuals(out, likelihood, torch.Generator().manual_seed(seed))
-    return label_residuals(out, y, likelihood)
-
-
-def flat_params(model):
-    return flatten_layer_matrices(
-        model, {k: v.detach().clone() for k, v in model.named_parameters()}
-    )
-
-
 def per_token_step(model, opt, x, y, likelihood):
     opt.zero_grad()
     logits = model(x)  # (B, T, V)
@@ -90,7 +74,7 @@ LIKELIHOODS = ["categorical", "bernoulli", "gaussian"]
 def test_kfac_factors_of_a_sequence_model_equal_their_definitions(likelihood, fisher):
     model = sequence_model()
     x, y = sequence_batch(likelihood)
-    residuals = residuals_for(model, x, y, fisher, likelihood, seed=5)
+    residuals = fisher_residuals(model, x, y, fisher, likelihood, seed=5)
     input_cov, gradient_cov = kfac_general_factors(model, x, likelihood, residuals)
     opt = KFAC(
         model, lr=0.1, damping=0.1, fisher=fisher, likelihood=likelihood, ema_decay=0.0, seed=5
@@ -109,7 +93,7 @@ def test_natural_gradient_of_a_sequence_model_is_exact(likelihood, fisher, block
     x, y = sequence_batch(likelihood)
     damping, lr = 0.05, 0.1
     dense = dense_general_fisher(
-        model, x, likelihood, residuals_for(model, x, y, fisher, likelihood, 7)
+        model, x, likelihood, fisher_residuals(model, x, y, fisher, likelihood, 7)
     )
     if block:
         sizes = [sum(p.numel() for p in m.parameters()) for m in model if isinstance(m, nn.Linear)]
@@ -126,9 +110,9 @@ def test_natural_gradient_of_a_sequence_model_is_exact(likelihood, fisher, block
         block_diagonal=block,
         seed=7,
     )
-    before = flat_params(model)
+    before = flat_parameters(model)
     per_token_step(model, opt, x, y, likelihood)
-    torch.testing.assert_close((before - flat_params(model)) / lr, expected, **TOL)
+    torch.testing.assert_close((before - flat_parameters(model)) / lr, expected, **TOL)
 
 
 @pytest.mark.parametrize("fisher", ["mc", "full", "empirical"])
@@ -136,7 +120,7 @@ def test_subsampled_fisher_of_a_sequence_model_equals_dense(fisher):
     model = sequence_model()
     x, y = sequence_batch("categorical")
     dense = dense_general_fisher(
-        model, x, "categorical", residuals_for(model, x, y, fisher, "categorical", 3)
+        model, x, "categorical", fisher_residuals(model, x, y, fisher, "categorical", 3)
     )
     f = SubsampledFisher(model, x, y, fisher=fisher, generator=torch.Generator().manual_seed(3))
     # the Sequential's parameters are already in the reference's [W, b] layer order
