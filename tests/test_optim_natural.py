@@ -163,3 +163,84 @@ def test_a_gradient_changed_after_backward_is_used_as_it_is(monkeypatch):
         p.grad.mul_(0.5)
     opt.step()
     torch.testing.assert_close((before - flat_params(model)) / 0.5, expected, **TOL)
+
+
+def _mlp(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+
+
+def _natural_step(model, x, y, autocast=None):
+    """One full-Fisher natural-gradient step; returns the optimizer and the float64 update."""
+    opt = NaturalGradient(model, lr=0.1, damping=0.1, fisher="full")
+    before = [p.detach().double().clone() for p in model.parameters()]
+    opt.zero_grad()
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        logits = model(x.to(next(model.parameters()).dtype))
+        loss = cross_entropy(logits, y)
+    opt.backward(loss, logits)
+    opt.step()
+    after = [p.detach().double() for p in model.parameters()]
+    update = torch.cat([(b - a).flatten() for b, a in zip(before, after)])
+    return opt, update
+
+
+@pytest.mark.parametrize(
+    ("dtype", "autocast"),
+    [(torch.float32, torch.bfloat16), (torch.bfloat16, None), (torch.float16, None)],
+    ids=["bf16-autocast", "bf16-model", "fp16-model"],
+)
+def test_low_precision_keeps_fp32_internals_and_the_fp32_step(dtype, autocast):
+    """As FOOF and KFAC: A, E and the solve in float32; the step is the float32 one up to the
+    low-precision forward/backward (bf16: 8 bits of mantissa, so rtol 5e-2 on the update)."""
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 8, generator=generator), torch.randint(0, 3, (12,), generator=generator)
+    _, reference = _natural_step(_mlp(), x, y)
+    model = _mlp(dtype)
+    opt, update = _natural_step(model, x, y, autocast)
+    for _, _, state in opt.layer_items():
+        assert state["fisher_inputs"].dtype == torch.float32
+        assert state["fisher_output_grads"].dtype == torch.float32
+    assert all(p.dtype == dtype for p in model.parameters())
+    assert bool(torch.isfinite(update).all())
+    error = float((update - reference).norm() / reference.norm())
+    assert error < 5e-2, error
+
+
+def test_a_model_without_supported_layers_trains_alike_in_all_three_optimizers():
+    """No Linear/Conv2d: FOOF, KFAC and the natural gradient all fall back to SGD with momentum,
+    warning once which parameters, and take identical steps (float64, exact)."""
+    from foof import FOOF, KFAC
+
+    class Bilinear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Bilinear(4, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer(x, x)
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=generator)
+    results = []
+    for make in (FOOF, KFAC, NaturalGradient, torch.optim.SGD):
+        torch.manual_seed(0)
+        model = Bilinear().double()
+        if make is torch.optim.SGD:
+            opt = make(model.parameters(), lr=0.1, momentum=0.9)
+        else:
+            with pytest.warns(UserWarning, match="plain SGD"):
+                opt = make(model, lr=0.1, damping=0.1, momentum=0.9)
+        for _ in range(3):
+            opt.zero_grad()
+            logits = model(x)
+            loss = cross_entropy(logits, y)
+            if make is torch.optim.SGD:
+                loss.backward()
+            else:
+                opt.backward(loss, logits)
+            opt.step()
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=1e-12, atol=1e-14)

@@ -5,6 +5,7 @@ Approximate Second-Order Optimization* (ICML 2022).
 """
 
 from foof.capture import Capture, is_supported
+from foof.curvature.sampling import LossScaleWarning
 from foof.fisher import KroneckerLaplace, LaplacePosterior, SubsampledFisher
 from foof.optim import (
     FOOF,
@@ -22,6 +23,7 @@ __all__ = [
     "KFAC",
     "KroneckerLaplace",
     "LaplacePosterior",
+    "LossScaleWarning",
     "NaturalGradient",
     "SubsampledFisher",
     "Capture",

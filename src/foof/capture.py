@@ -167,6 +167,12 @@ class Capture:
         # The hooks close over a weak reference so a forgotten capture can still be collected.
         self_ref = weakref.ref(self)
 
+        # Opaque to torch.compile: traced, the hook would record tensors of the compiled graph
+        # (no autograd path from the network output to them, so the Fisher pass would see zero
+        # gradients) and guard on the optimizer's step counter (a recompilation per step). As a
+        # disabled function it is one graph break per hooked layer, and it runs eagerly on the
+        # layer's real input and output.
+        @torch.compiler.disable
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             capture = self_ref()
             if capture is not None:
@@ -221,6 +227,19 @@ class Capture:
             yield
         finally:
             self._grads_paused = previous
+
+    def take_outputs(self) -> dict[nn.Module, list[Tensor]]:
+        """The layer outputs recorded since the last take (or clear), per layer, and forget them.
+
+        A Fisher pass backpropagates to the outputs of its own forward pass only: with gradient
+        accumulation each micro-batch's pass takes the outputs its forward recorded.
+        """
+        taken = {}
+        for module, record in self.records.items():
+            if record.outputs:
+                taken[module] = list(record.outputs)
+                record.outputs.clear()
+        return taken
 
     def inputs(self, module: nn.Module) -> Tensor | None:
         """All recorded input rows ``A`` of ``module``: ``(rows, in_dim)``, or None if none."""

@@ -16,7 +16,14 @@ import torch
 from torch import Tensor, nn
 
 from foof.capture import Capture
-from foof.curvature.sampling import FISHER_TYPES, LIKELIHOODS, layer_output_grads
+from foof.curvature.sampling import (
+    FISHER_TYPES,
+    LIKELIHOODS,
+    check_output,
+    fisher_scale,
+    layer_output_grads,
+    output_shape,
+)
 from foof.curvature.woodbury import LayerFisherData, cholesky_solve_damped, damped_inverse_mv
 from foof.validation import check_choice
 
@@ -35,10 +42,14 @@ class SubsampledFisher:
     Args:
         model: the network; it is run once on ``inputs`` (in whatever train/eval mode it is in).
         inputs: a batch ``(B, ...)``.
-        targets: dataset labels (needed for ``fisher="empirical"`` only): class indices
-            ``(B,)`` for categorical, targets ``(B, C)`` for gaussian.
+        targets: dataset labels (needed for ``fisher="empirical"`` only), shaped like the
+            output: class indices ``(B,)`` / ``(B, ...)`` for categorical, ``{0, 1}`` (or
+            soft) labels like the logits for bernoulli, targets like the means for gaussian.
         fisher: ``"mc"``, ``"full"`` or ``"empirical"``.
-        likelihood: ``"categorical"`` or ``"gaussian"``.
+        likelihood: ``"categorical"`` (softmax logits), ``"bernoulli"`` (sigmoid logits,
+            binary ``(B,)``/``(B, 1)`` or multi-label ``(B, K)``) or ``"gaussian"``. An output
+            ``(B, ..., C)`` has rows over its middle dimensions and ``F`` is normalised by all
+            ``N`` rows (see :mod:`foof.curvature.sampling`).
         block_diagonal: keep only the per-layer blocks of ``F``.
         generator: random generator for ``fisher="mc"``.
 
@@ -66,6 +77,7 @@ class SubsampledFisher:
         if fisher == "empirical" and targets is None:
             raise ValueError("fisher='empirical' needs the dataset targets")
         self.block_diagonal = block_diagonal
+        self.likelihood = likelihood
         with (
             Capture(
                 model,
@@ -77,12 +89,15 @@ class SubsampledFisher:
             torch.enable_grad(),
         ):
             output = model(inputs)
+            check_output(output, likelihood)
             if fisher == "empirical":
-                per_sample = _negative_log_likelihood(output, targets, likelihood)
+                per_row = _negative_log_likelihood(output, targets, likelihood)
                 params = [p for m in capture.layers.values() for p in m.parameters(False)]
                 # gradients w.r.t. layer outputs only: parameters' .grad stay untouched
-                torch.autograd.grad(per_sample.mean(), params, allow_unused=True)
+                torch.autograd.grad(per_row.mean(), params, allow_unused=True)
             grads = layer_output_grads(capture, output, fisher, likelihood, generator)
+            batch, positions, _ = output_shape(output)
+            scale = fisher_scale(batch, batch * positions)
             self.layers: list[nn.Module] = []
             self.data: list[LayerFisherData] = []
             for module in capture.layers.values():
@@ -91,7 +106,7 @@ class SubsampledFisher:
                     continue
                 self.layers.append(module)
                 self.data.append(
-                    LayerFisherData(rows.detach(), grads[module].detach(), len(inputs))
+                    LayerFisherData(rows.detach(), grads[module].detach() * scale, len(inputs))
                 )
 
     @classmethod
@@ -100,6 +115,7 @@ class SubsampledFisher:
         layers: Sequence[nn.Module],
         data: Sequence[LayerFisherData],
         block_diagonal: bool = False,
+        likelihood: str = "categorical",
     ) -> SubsampledFisher:
         """A Fisher from already captured per-layer ``A``/``E`` (what optimizers hold).
 
@@ -107,10 +123,13 @@ class SubsampledFisher:
             layers: the Linear/Conv2d modules, in vector order.
             data: their :class:`~foof.curvature.woodbury.LayerFisherData`, same order.
             block_diagonal: keep only the per-layer blocks.
+            likelihood: the likelihood ``data`` was computed for (the predictive's link).
         """
+        check_choice("likelihood", likelihood, LIKELIHOODS)
         fisher = cls.__new__(cls)
         fisher.layers, fisher.data = list(layers), list(data)
         fisher.block_diagonal = block_diagonal
+        fisher.likelihood = likelihood
         return fisher
 
     def inverse_mv_matrices(self, matrices: Sequence[Tensor], damping: float) -> list[Tensor]:
@@ -194,9 +213,26 @@ class SubsampledFisher:
 
 
 def _negative_log_likelihood(output: Tensor, targets: Tensor, likelihood: str) -> Tensor:
+    """``−log p(y_r | x)`` per output row ``r`` (up to constants): ``(N,)``."""
+    batch, positions, classes = output_shape(output)
+    rows = output.reshape(batch * positions, classes)
     if likelihood == "categorical":
-        return nn.functional.cross_entropy(output, targets, reduction="none")
-    return 0.5 * (output - targets).square().flatten(1).sum(1)
+        return nn.functional.cross_entropy(rows, targets.reshape(-1), reduction="none")
+    targets = targets.reshape(rows.shape).to(rows.dtype)
+    if likelihood == "bernoulli":
+        return nn.functional.binary_cross_entropy_with_logits(rows, targets, reduction="none").sum(
+            -1
+        )
+    return 0.5 * (rows - targets).square().sum(-1)
+
+
+def predictive_probabilities(output: Tensor, likelihood: str) -> Tensor:
+    """The predictive a sample's output gives: softmax, sigmoid (bernoulli) or the mean."""
+    if likelihood == "categorical":
+        return torch.softmax(output, dim=-1)
+    if likelihood == "bernoulli":
+        return torch.sigmoid(output)
+    return output
 
 
 class LaplacePosterior:
@@ -245,6 +281,8 @@ class LaplacePosterior:
         if not num_data > 0:
             raise ValueError(f"num_data must be > 0, got {num_data!r}")
         self.fisher = fisher
+        #: the likelihood of ``fisher``: the link :meth:`predictive` applies to each sample.
+        self.likelihood = getattr(fisher, "likelihood", "categorical")
         self.prior_precision = prior_precision
         self.num_data = num_data
         self.scales = [(num_data / t) ** 0.5 for t in prior_precision]  # (N/τ_l)^{1/2}
@@ -337,6 +375,8 @@ class KroneckerLaplace:
         prior_precision: ``τ`` for all layers or one per layer, ``> 0``.
         num_data: ``N``.
         second_factor: keep ``Ḡ``; False replaces it by the identity.
+        likelihood: the likelihood the factors were computed for (``"categorical"``,
+            ``"bernoulli"`` or ``"gaussian"``): the link :meth:`predictive` applies.
     """
 
     def __init__(
@@ -346,7 +386,10 @@ class KroneckerLaplace:
         prior_precision: float | Sequence[float],
         num_data: int,
         second_factor: bool = True,
+        likelihood: str = "categorical",
     ) -> None:
+        check_choice("likelihood", likelihood, LIKELIHOODS)
+        self.likelihood = likelihood
         if isinstance(prior_precision, (int, float)):
             prior_precision = [float(prior_precision)] * len(layers)
         if len(prior_precision) != len(layers) or not all(t > 0 for t in prior_precision):
@@ -409,7 +452,11 @@ def monte_carlo_predictive(
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
 ) -> Tensor:
-    """``(1/S) Σ_s softmax(f(x; θ_s))`` ``(B, C)`` over posterior samples ``θ_s``.
+    """``(1/S) Σ_s link(f(x; θ_s))`` ``(B, C)`` over posterior samples ``θ_s``.
+
+    The link is the posterior's likelihood's (:func:`predictive_probabilities`): softmax
+    (categorical), sigmoid per logit (bernoulli: the probabilities of the positive labels) or
+    the identity (gaussian: the predictive mean).
 
     The model's parameters are swapped for each sample and restored afterwards, also on error.
     ``batch_size`` runs the model on that many inputs at a time (the same samples for all).
@@ -424,7 +471,7 @@ def monte_carlo_predictive(
                 for p, value in zip(params, sample):
                     p.copy_(value)
                 parts = [model(inputs[i : i + step]) for i in range(0, len(inputs), step)]
-                probs = torch.softmax(torch.cat(parts), dim=-1)
+                probs = predictive_probabilities(torch.cat(parts), posterior.likelihood)
                 total = probs if total is None else total + probs
     finally:
         with torch.no_grad():

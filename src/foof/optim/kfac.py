@@ -36,12 +36,23 @@ class KFAC(KroneckerFactoredOptimizer):
 
     Conventions:
         * The loss is the mean over the batch of ``−log p(y_i|x_i)``; ``likelihood`` says which
-          (``"categorical"``: softmax cross-entropy on logits; ``"gaussian"``: unit-variance
-          Gaussian, i.e. ``½‖y − f‖²`` per sample, the mean-squared-error case).
+          (``"categorical"``: softmax cross-entropy on logits; ``"bernoulli"``: independent
+          sigmoid logits, binary or multi-label, ``binary_cross_entropy_with_logits``;
+          ``"gaussian"``: unit-variance Gaussian, i.e. ``½‖y − f‖²`` per sample, the
+          mean-squared-error case). The first step checks, once, that the loss handed to
+          :meth:`backward` has that curvature and scale and warns with the factor found
+          (:class:`~foof.curvature.sampling.LossScaleWarning`); the README has a table of the
+          torch losses that match. Outputs ``(B, ..., C)`` (language-model logits
+          ``(B, T, V)``) have ``P = T`` rows per sample; the loss is then the mean over all
+          ``B·P`` rows (the per-token mean) and the Fisher the mean per-row Fisher, see
+          :mod:`foof.curvature.sampling`.
         * ``fisher="mc"``: ``e_i`` at one label sampled from the model per input; ``"full"``: all
-          labels weighted by ``p(y|x_i)`` (``Ḡ = (1/B) Σ_i Σ_y p(y|x_i) e_i(y) e_i(y)ᵀ``);
-          ``"empirical"``: the dataset label. ``e_i`` is the gradient of one sample's
-          ``−log p`` w.r.t. the layer output (not divided by ``B``).
+          labels weighted by ``p(y|x_i)`` (``Ḡ = (1/B) Σ_i Σ_y p(y|x_i) e_i(y) e_i(y)ᵀ``; ``P·C``
+          backward passes); ``"empirical"``: the dataset label. ``e_i`` is the gradient of one
+          sample's ``−log p`` w.r.t. the layer output (not divided by ``B``).
+        * Gradient accumulation: the ``opt.backward`` calls of several micro-batches before one
+          ``step`` give the factors of all of them together, the big batch's exactly for
+          ``fisher="full"`` and ``"empirical"``.
         * Conv2d: rows are (sample, position) pairs; ``Ā`` is the mean over rows and ``Ḡ`` the
           mean over samples of the sum over positions, so ``Ā ⊗ Ḡ`` equals KFC's ``Ω ⊗ Γ``
           (Grosse & Martens, 2016).
@@ -70,7 +81,7 @@ class KFAC(KroneckerFactoredOptimizer):
             :func:`~foof.optim.kronecker.is_inversion_step`). Not in the paper; default 0.
         momentum: heavy-ball momentum in ``[0, 1)``.
         weight_decay: decoupled weight decay.
-        likelihood: ``"categorical"`` or ``"gaussian"``.
+        likelihood: ``"categorical"``, ``"bernoulli"`` or ``"gaussian"``.
         second_factor: if False, drop ``Ḡ`` from the update (``π`` still uses it).
         seed: seed of the generator for MC labels; ``None`` draws it from torch's global RNG.
         low_rank: compute the product through ``Ĝ = EᵀA`` when that needs fewer flops (exact;
@@ -157,7 +168,7 @@ class KFAC(KroneckerFactoredOptimizer):
             second_factor=second_factor,
             nonfinite=nonfinite,
         )
-        self.sampler = FisherSampler(fisher, likelihood, seed)
+        self.sampler = FisherSampler(fisher, likelihood, seed, owner=type(self).__name__)
 
     factor_keys = (
         "input_covariance",
@@ -212,7 +223,8 @@ class KFAC(KroneckerFactoredOptimizer):
 
         Args:
             loss: the training loss (mean over the batch).
-            output: the network output ``(B, C)`` the loss was computed from.
+            output: the network output the loss was computed from: ``(B, C)``, ``(B,)`` or
+                ``(B, ..., C)`` (see :mod:`foof.curvature.sampling`).
         """
         self.sampler.backward(self.capture, loss, output, active=self.is_stats_step())
 

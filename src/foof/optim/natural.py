@@ -16,6 +16,7 @@ from foof.curvature.woodbury import (
     factored_projection_is_cheaper,
 )
 from foof.optim.base import CurvatureOptimizer, gradient_matrix
+from foof.optim.kronecker import factor_dtype
 from foof.validation import check_choice, check_int, check_range
 
 FISHER_BATCHES = ("same", "previous")
@@ -37,7 +38,15 @@ class NaturalGradient(CurvatureOptimizer):
     pass is needed. ``block_diagonal=True`` applies the same per layer (paper Fig. 2B/2C).
 
     Then momentum, decoupled weight decay and ``θ ← θ − lr·D`` as in :class:`foof.FOOF`.
-    Parameters of unsupported layers (BatchNorm, ...) are outside ``F`` and get plain SGD.
+    Parameters of unsupported layers (BatchNorm, ...) are outside ``F`` and get plain SGD; a
+    model without any supported layer trains with plain SGD, as FOOF and KFAC do.
+
+    An output ``(B, T, V)`` (per-token loss) has one column of ``G`` per sequence and term, the
+    gradient of the sequence's summed ``−log p``, and ``F`` is normalised by the ``B·T`` rows (the
+    mean per-token Fisher; ``fisher="full"`` then has ``K = T·V`` terms). Several
+    ``opt.backward`` calls before one ``step`` (gradient accumulation) make one Fisher batch of
+    all their samples. ``A``, ``E`` and the solve are float32 (float64 for a float64 model),
+    also for a bf16/fp16 model or under autocast.
 
     Distributed (``torch.distributed`` with more than one rank, the model wrapped in
     ``DistributedDataParallel``, the optimizer given the unwrapped model): on steps that refresh
@@ -59,7 +68,7 @@ class NaturalGradient(CurvatureOptimizer):
         inv_every: the Fisher batch is refreshed every ``inv_every`` steps and reused between.
         momentum: heavy-ball momentum in ``[0, 1)``.
         weight_decay: decoupled weight decay.
-        likelihood: ``"categorical"`` or ``"gaussian"``.
+        likelihood: ``"categorical"``, ``"bernoulli"`` or ``"gaussian"``.
         seed: seed of the MC label generator (``None``: from torch's global RNG).
         fused_backward: skip autograd's weight-gradient GEMM of the layers; ``∇L`` enters
             the solve as ``EᵀA`` from the recorded ``E`` and ``A``. Their ``weight.grad`` stays
@@ -118,7 +127,7 @@ class NaturalGradient(CurvatureOptimizer):
             nonfinite=nonfinite,
         )
         super().__init__(model, defaults, fused_backward=fused_backward)
-        self.sampler = FisherSampler(fisher, likelihood, seed)
+        self.sampler = FisherSampler(fisher, likelihood, seed, owner=type(self).__name__)
         self._directions: dict[nn.Module, Tensor] = {}
 
     def is_refresh_step(self) -> bool:
@@ -149,7 +158,8 @@ class NaturalGradient(CurvatureOptimizer):
 
         Args:
             loss: the training loss (mean over the batch).
-            output: the network output ``(B, C)`` the loss was computed from.
+            output: the network output the loss was computed from: ``(B, C)``, ``(B,)`` or
+                ``(B, ..., C)`` (see :mod:`foof.curvature.sampling`).
         """
         self.sampler.backward(self.capture, loss, output, active=self.is_refresh_step())
 
@@ -184,8 +194,11 @@ class NaturalGradient(CurvatureOptimizer):
             rows = self.capture.inputs(module)
             if rows is None or module not in grads:
                 raise RuntimeError(f"NaturalGradient: layer {name!r} took no part in the forward")
-            inputs.append(rows)
-            output_grads.append(grads[module].to(rows.dtype))
+            # float32 (float64 for a float64 model) whatever the model's or autocast's dtype, as
+            # FOOF's and KFAC's factors: the Gram matrix and its Cholesky need the precision
+            dtype = factor_dtype(module.weight)
+            inputs.append(rows.to(dtype))
+            output_grads.append(grads[module].to(dtype))
         if distributed.is_distributed():
             # E is (K, rows, out): gathered along its rows, i.e. as (rows, K, out)
             gathered, _ = distributed.all_gather_rows(
@@ -204,6 +217,10 @@ class NaturalGradient(CurvatureOptimizer):
     def update_curvature(self, group: dict[str, Any]) -> None:
         """Choose the Fisher batch, then solve for every layer's direction at once."""
         refresh = self.is_refresh_step()
+        if not self.layers:
+            # nothing to precondition: every parameter gets the SGD fallback, as in FOOF/KFAC
+            self.sampler.pop()
+            return
         previous = group["fisher_batch"] == "previous"
         has_stored = all("fisher_inputs" in s for _, _, s in self.layer_items())
         if refresh and (not previous or not has_stored):
