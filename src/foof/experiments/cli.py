@@ -43,7 +43,7 @@ def add_commands(commands: Any) -> None:
         dest="data_dir",
         default=None,
         help="directory searched first for data (for CIFAR-10/100 and SVHN: the root holding "
-        "them in torchvision's layout, see foof.image_data)",
+        "them in torchvision's layout, see foof.data.vision)",
     )
     reproduce.add_argument(
         "--download",
