@@ -53,6 +53,9 @@ from foof.data.vision import (
     NUM_CLASSES,
     fake_cifar10,
     load_vision_dataset,
+    locate_vision_dataset,
+    read_svhn_mat,
+    read_vision_dataset,
 )
 
 __all__ = [
@@ -81,9 +84,12 @@ __all__ = [
     "load_mnist",
     "load_vision_dataset",
     "locate_dataset",
+    "locate_vision_dataset",
     "read_idx",
     "read_location",
     "read_npz",
+    "read_svhn_mat",
+    "read_vision_dataset",
     "search_dirs",
     "subset_indices",
 ]
