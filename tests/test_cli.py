@@ -12,6 +12,7 @@ import pytest
 
 import foof.cli
 import foof.data
+import foof.data.mnist
 from foof.cli import build_parser, main
 from foof.models import MODELS
 from foof.optim.registry import OPTIMIZERS
@@ -29,7 +30,7 @@ def no_download(tmp_path, monkeypatch):
     def refuse(name, cache_dir=None):
         raise foof.data.DataError(f"refusing to download {name} in tests")
 
-    monkeypatch.setattr(foof.data, "download_dataset", refuse)
+    monkeypatch.setattr(foof.data.mnist, "download_dataset", refuse)
     monkeypatch.setattr(foof.cli, "download_dataset", refuse)
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from foof.benchmarks.conv import format_wrn, time_wrn
 from foof.callbacks import DelayedMomentum, PolyakAveraging
 from foof.conv_models import vgg11, wide_resnet18
-from foof.image_data import augment_batch
+from foof.data.augment import augment_batch
 from foof.models import MODELS, TASKS, build_model
 from foof.optim.registry import backward, build_optimizer
 from foof.train import ConfigError, TrainCallback, TrainConfig, train

@@ -209,7 +209,13 @@ def _add_train(commands: Any) -> None:
     arg("--subset", type=_positive, default=None, help="train on N training images")
     arg("--subset-seed", type=int, default=0, help="seed of the subset draw; default: 0")
     arg("--seed", type=int, default=0, help="seed of init and batch order; default: 0")
-    arg("--data-dir", default=None, help="directory searched first for the data")
+    arg(
+        "--data-dir",
+        "--data-root",
+        dest="data_dir",
+        default=None,
+        help="directory searched first for the data (CIFAR/SVHN: see foof.data.vision)",
+    )
     arg("--device", default="cpu", help="torch device; default: cpu")
     arg("--eval-train", action="store_true", help="also evaluate the full training loss")
     arg(

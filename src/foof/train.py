@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 from foof import checkpoint as checkpoints
 from foof import distributed
 from foof.data import DataError, Dataset, load_dataset
-from foof.image_data import augment_batch
+from foof.data.augment import augment_batch
 from foof.io import write_json_atomic
 from foof.models import TASKS, build_model
 from foof.optim.kronecker import WARM_START_BATCHES
@@ -197,7 +197,7 @@ class TrainConfig:
         eval_train: also evaluate the loss on the whole training set after each evaluation
             (costs one extra forward pass over it).
         augment: augment every training mini-batch with a random 4-pixel-padded crop and a
-            random horizontal flip (App. D.6; :func:`foof.image_data.augment_batch`), drawn
+            random horizontal flip (App. D.6; :func:`foof.data.augment.augment_batch`), drawn
             from a generator seeded with ``seed + 1``.
         momentum_delay: train the first this many epochs without momentum and switch
             ``momentum`` on afterwards (App. D.6 uses 1; :class:`foof.callbacks.DelayedMomentum`).

@@ -51,6 +51,7 @@ def time_wrn(
     device: str = "cpu",
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Time SGD, FOOF and KFAC on ``wide_resnet18(width)`` phase by phase (module docstring).
 
@@ -69,6 +70,8 @@ def time_wrn(
         device: ``"cpu"`` or ``"cuda"``.
         seed: model initialisation and data seed.
         log: called with one line per method.
+        inputs: images ``(B, 3, 32, 32)`` and int64 labels ``(B,)`` every step trains on
+            (e.g. a CIFAR-10 batch); default random ones of ``batch_size``.
 
     Returns:
         ``{"settings", "environment", "methods"}``; ``methods[name]`` has the per-phase step
@@ -77,8 +80,13 @@ def time_wrn(
     """
     target = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch_size, 3, 32, 32, generator=generator).to(target)
-    y = torch.randint(0, 10, (batch_size,), generator=generator).to(target)
+    if inputs is None:
+        inputs = (
+            torch.randn(batch_size, 3, 32, 32, generator=generator),
+            torch.randint(0, 10, (batch_size,), generator=generator),
+        )
+    x, y = inputs[0].to(target), inputs[1].to(target)
+    batch_size = len(x)
     results: dict[str, Any] = {}
     for name, hyperparameters in WRN_METHODS.items():
         torch.manual_seed(seed)

@@ -42,8 +42,8 @@ def add_commands(commands: Any) -> None:
         "--data-root",
         dest="data_dir",
         default=None,
-        help="directory searched first for data (for CIFAR-10/100 and SVHN: the root holding "
-        "them in torchvision's layout, see foof.image_data)",
+        help="directory searched first for data (for CIFAR-10/100 and SVHN: the directory "
+        "holding cifar-10-python.tar.gz, train_32x32.mat, ..., see foof.data.vision)",
     )
     reproduce.add_argument(
         "--download",

@@ -8,7 +8,7 @@ and KFAC inverting every ``T=500`` steps from the ``S=10`` steps before (SVHN: `
 BatchNorm parameters trained by SGD only.
 
 ``quick`` mode keeps every figure's structure but runs it on ``fake-cifar10`` (generated
-CIFAR-shaped images, see :mod:`foof.image_data`) with width-4 networks, 128 images, batch 32,
+CIFAR-shaped images, see :mod:`foof.data.vision`) with width-4 networks, 128 images, batch 32,
 2 epochs and ``T=4, S=2``, one seed: seconds on a CPU, so that ``foof reproduce all --mode
 quick`` exercises the whole conv pipeline (BatchNorm ResNets, augmentation, delayed momentum,
 Polyak averaging, resume) in CI. Its verdicts are no evidence about the paper.

@@ -284,7 +284,7 @@ def _missing_section(figure_id: str) -> list[str]:
         "",
         f"Run: `{reproduce_command(figure_id, 'standard', None, None)}` (or `--mode quick`)."
         + (
-            f" Standard mode needs {CONV_DATASETS[figure_id]} and torchvision: add `--data-root "
+            f" Standard mode needs {CONV_DATASETS[figure_id]}'s files: add `--data-root "
             "DIR --device cuda` (see the README)."
             if figure_id in CONV_DATASETS
             else ""

