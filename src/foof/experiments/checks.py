@@ -243,7 +243,7 @@ class Below(Check):
 
 
 @dataclass(frozen=True)
-class PairedBelow(Check):
+class PairedBelow(Below):
     """Per seed, ``factor × a_s < b_s``: run ``a`` beats ``b`` seed by seed (paired seeds).
 
     Seed ``s`` of both runs shares the initialisation and the data order, so the per-seed ratios
@@ -254,26 +254,15 @@ class PairedBelow(Check):
     same seeds; different counts give ``"missing"``.
 
     Example: ``PairedBelow("foof", "kfac")`` is "FOOF's final training loss is lower than
-    KFAC's on every seed".
+    KFAC's on every seed". The fields are :class:`Below`'s.
     """
 
-    a: str
-    b: str
-    factor: float = 1.0
-    metric: str = "final_train_loss"
     kind: ClassVar[str] = "paired_below"
-
-    def labels(self) -> tuple[str, ...]:
-        """``(a, b)``."""
-        return (self.a, self.b)
 
     def describe(self, legends: dict[str, str] | None = None) -> str:
         """E.g. "final training loss, paired seeds: FOOF lower than KFAC on every seed"."""
-        how = "lower than" if self.factor == 1 else f"at least {self.factor:g}× lower than"
-        return (
-            f"{metric_name(self.metric)}, paired seeds: {_name(self.a, legends)} {how} "
-            f"{_name(self.b, legends)} on every seed"
-        )
+        metric, _, rest = super().describe(legends).partition(": ")
+        return f"{metric}, paired seeds: {rest} on every seed"
 
     def evaluate(self, values: Values) -> Outcome:
         """Yes/no/inconclusive from the per-seed wins; measured: per-seed ratios ``b/a``."""
