@@ -351,3 +351,27 @@ def test_4c_follows_kfacs_tuned_entry():
     (planned, *_) = plan(fig, "/nonexistent", entries=entries)
     assert (planned.config.lr, planned.config.damping) == (0.0123, 0.0456)
     assert planned.config.epochs == 1  # 4C's own budget, not 1A's
+
+
+def test_report_lists_the_network_and_per_layer_cosines(tmp_path):
+    from foof.experiments.report import FigureResults, _cosine_table
+    from foof.io import write_json_atomic
+
+    figure = build("3B", "quick")
+    directory = tmp_path / "3B"
+    directory.mkdir()
+    write_json_atomic(directory / "figure.json", figure.to_dict())
+    for i, run in enumerate(figure.runs):
+        metrics = {
+            "network_d9_mean": 0.5 + 0.1 * i,
+            "network_unscaled_mean": 0.4,
+            "per_layer_mean": {"1": 0.9, "3": 0.8},
+        }
+        results = {"complete": True, "metrics": {"kfac-foof-cosine": metrics}}
+        write_json_atomic(directory / f"{run.label}-seed0.json", results)
+    lines = _cosine_table(FigureResults(directory))
+    header = next(line for line in lines if line.startswith("| run"))
+    assert "network (D.9" in header and "layer 1" in header and "layer 3" in header
+    rows = [line for line in lines if line.startswith("| KFAC")]
+    assert len(rows) == len(figure.runs)
+    assert rows[1].rstrip(" |").split(" | ")[2:6] == ["0.6", "0.4", "0.9", "0.8"]
