@@ -8,7 +8,9 @@ A *check* compares such summaries and returns a :class:`Outcome` with a verdict:
 * ``"no"``: it fails even at the favourable end;
 * ``"inconclusive"``: the answer depends on where within mean ± std the truth lies (or a run
   diverged on both sides);
-* ``"missing"``: some run has no complete results.
+* ``"missing"``: some run has no complete results;
+* ``"not applicable"``: the claim cannot be tested on this stand-in (:class:`NotApplicable`);
+  shown with what was measured, it does not enter the figure's verdict.
 
 Checks are frozen dataclasses that serialise to JSON (:meth:`Check.to_dict`,
 :func:`check_from_dict`), so that a report can be written from a results directory alone.
@@ -22,14 +24,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-VERDICTS = ("yes", "no", "inconclusive", "missing")
-"""Possible verdicts of a check, from best to worst."""
+VERDICTS = ("yes", "no", "inconclusive", "missing", "not applicable")
+"""Possible verdicts of a check, from best to worst (``"not applicable"`` is set apart)."""
 
 METRICS = {
     "final_train_loss": "final training loss",
     "final_test_accuracy": "final test accuracy",
     "time_per_update": "time per update (s)",
-    "metric:kfac-foof-cosine/mean": "mean cosine(KFAC, FOOF) in FOOF's metric",
+    "metric:kfac-foof-cosine/network_d9_mean": "mean network cosine(KFAC, FOOF·λ_A/λ) in "
+    "FOOF's metric",
+    "metric:kfac-foof-cosine/layer_mean": "per-layer cosine(KFAC, FOOF) in FOOF's metric, mean "
+    "over layers",
     "metric:second-factor-progress/kfac_mean": "mean relative decrease by KFAC's update",
     "metric:second-factor-progress/foof_mean": "mean relative decrease without 2nd factor",
     "metric:second-factor-progress/foof_ge_kfac": "fraction of steps without 2nd factor ≥ KFAC",
@@ -233,6 +238,54 @@ class Below(Check):
         if self.factor * a.high < b.low:
             return Outcome("yes", measured)
         if self.factor * a.low >= b.high:
+            return Outcome("no", measured)
+        return Outcome("inconclusive", measured)
+
+
+@dataclass(frozen=True)
+class PairedBelow(Below):
+    """Per seed, ``factor × a_s < b_s``: run ``a`` beats ``b`` seed by seed (paired seeds).
+
+    Seed ``s`` of both runs shares the initialisation and the data order, so the per-seed ratios
+    ``b_s / a_s`` remove the seed-to-seed spread that a comparison of mean ± std keeps. Yes if
+    ``a`` wins on every seed, no if it wins on none, else inconclusive. A diverged run loses to
+    a finite one; two diverged runs tie (neither wins). The values of both runs must be in seed
+    order (as :class:`foof.experiments.report.FigureResults` gives them) and complete for the
+    same seeds; different counts give ``"missing"``.
+
+    Example: ``PairedBelow("foof", "kfac")`` is "FOOF's final training loss is lower than
+    KFAC's on every seed". The fields are :class:`Below`'s.
+    """
+
+    kind: ClassVar[str] = "paired_below"
+
+    def describe(self, legends: dict[str, str] | None = None) -> str:
+        """E.g. "final training loss, paired seeds: FOOF lower than KFAC on every seed"."""
+        metric, _, rest = super().describe(legends).partition(": ")
+        return f"{metric}, paired seeds: {rest} on every seed"
+
+    def evaluate(self, values: Values) -> Outcome:
+        """Yes/no/inconclusive from the per-seed wins; measured: per-seed ratios ``b/a``."""
+        a, b = values(self.a, self.metric), values(self.b, self.metric)
+        if not a or not b:
+            return _missing(self, values, self.metric)
+        if len(a) != len(b):
+            return Outcome("missing", f"unpaired: {len(a)} vs {len(b)} complete seeds")
+        ratios, wins, ties = [], 0, 0
+        for x, y in zip(a, b):
+            if math.isinf(x) and math.isinf(y):
+                ratios.append("both diverged")
+                ties += 1
+                continue
+            wins += int(self.factor * x < y)
+            ratios.append(format_number(y / x) if x > 0 else "inf" if y > 0 else "n/a")
+        measured = (
+            f"{Summary.of(a)} vs {Summary.of(b)}; per-seed ratio {_name(self.b, None)}/"
+            f"{_name(self.a, None)}: {', '.join(ratios)} ({wins}/{len(a)} seeds won)"
+        )
+        if wins == len(a):
+            return Outcome("yes", measured)
+        if wins == 0 and ties < len(a):
             return Outcome("no", measured)
         return Outcome("inconclusive", measured)
 
@@ -458,20 +511,36 @@ class Exceeds(Check):
 class LowerWorkingDamping(Check):
     """Method ``a`` reaches a good loss at a lower damping than method ``b`` (Fig. 3C/3D).
 
-    For each method, its *working range* is the dampings whose mean final loss is within
-    ``within``× of that method's best; the check compares the smallest damping of each range.
-    ``a`` and ``b`` list ``(label, damping)`` pairs.
+    For each method and tolerance ``t`` in ``within``, its *working range* is the dampings whose
+    mean final loss is within ``t``× of that method's best (a diverged damping is outside); the
+    check compares the smallest damping of each range. ``a`` and ``b`` list ``(label,
+    damping)`` pairs.
+
+    Per tolerance: yes if ``a``'s smallest working damping is below ``b``'s, no if above,
+    inconclusive if equal. A method that still works at the smallest damping of its sweep has
+    a smallest working damping at or below it, unknown; the measured text says so (the sweep
+    was not extended far enough down). Over the tolerances: yes (no) if every tolerance says
+    yes (no), else inconclusive, since the answer then rests on the choice of tolerance.
     """
 
     a: tuple[tuple[str, float], ...]
     b: tuple[tuple[str, float], ...]
-    within: float = 2.0
+    within: float | tuple[float, ...] = 2.0
     metric: str = "final_train_loss"
     kind: ClassVar[str] = "lower_working_damping"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "a", tuple((str(l), float(x)) for l, x in self.a))  # noqa: E741
         object.__setattr__(self, "b", tuple((str(l), float(x)) for l, x in self.b))  # noqa: E741
+        within = self.within if isinstance(self.within, (tuple, list)) else (self.within,)
+        if not within or any(not float(t) >= 1 for t in within):
+            raise ValueError(f"within must be tolerance factors >= 1, got {self.within!r}")
+        object.__setattr__(self, "within", tuple(float(t) for t in within))
+
+    @property
+    def tolerances(self) -> tuple[float, ...]:
+        """The tolerance factors, as a tuple."""
+        return self.within  # type: ignore[return-value]
 
     def labels(self) -> tuple[str, ...]:
         """Every run of both sweeps."""
@@ -480,38 +549,112 @@ class LowerWorkingDamping(Check):
     def describe(self, legends: dict[str, str] | None = None) -> str:
         """E.g. "smallest damping within 2× of the best loss: FOOF's below KFAC's"."""
         first, second = _name(self.a[0][0], legends), _name(self.b[0][0], legends)
+        factors = "/".join(f"{t:g}" for t in self.tolerances)
         return (
-            f"smallest damping with {metric_name(self.metric)} within {self.within:g}× of the "
+            f"smallest damping with {metric_name(self.metric)} within {factors}× of the "
             f"method's best: lower for {first.split(',')[0]} than for {second.split(',')[0]}"
         )
 
-    def _smallest(self, sweep: tuple[tuple[str, float], ...], values: Values) -> float | None:
+    def working(
+        self, sweep: tuple[tuple[str, float], ...], values: Values, within: float
+    ) -> list[float]:
+        """The dampings of ``sweep`` whose mean loss is within ``within``× of its best."""
         means = {x: Summary.of(values(label, self.metric)).mean for label, x in sweep}
         finite = [m for m in means.values() if math.isfinite(m)]
         if not finite:
-            return None
+            return []
         best = min(finite)
-        return min(x for x, m in means.items() if math.isfinite(m) and m <= self.within * best)
+        return sorted(x for x, m in means.items() if math.isfinite(m) and m <= within * best)
 
     def evaluate(self, values: Values) -> Outcome:
-        """Yes if ``a``'s smallest working damping is below ``b``'s, no if above."""
+        """Per tolerance and combined; see the class docstring."""
         if any(not values(label, self.metric) for label in self.labels()):
             return _missing(self, values, self.metric)
-        low_a, low_b = self._smallest(self.a, values), self._smallest(self.b, values)
-        measured = f"{low_a if low_a is None else f'{low_a:g}'} vs "
-        measured += f"{low_b if low_b is None else f'{low_b:g}'}"
-        if low_a is None or low_b is None:
-            return Outcome("inconclusive", measured + " (all runs diverged)")
-        if low_a < low_b:
+        verdicts, parts = [], []
+        lowest = {"a": min(x for _, x in self.a), "b": min(x for _, x in self.b)}
+        at_edge: list[str] = []
+        for within in self.tolerances:
+            low = {}
+            for side, sweep in (("a", self.a), ("b", self.b)):
+                working = self.working(sweep, values, within)
+                low[side] = working[0] if working else None
+                if working and working[0] == lowest[side] and side not in at_edge:
+                    at_edge.append(side)
+            if low["a"] is None or low["b"] is None:
+                verdict, why = "inconclusive", " (all runs diverged)"
+            elif low["a"] < low["b"]:
+                verdict, why = "yes", ""
+            elif low["a"] > low["b"]:
+                verdict, why = "no", ""
+            else:
+                verdict, why = "inconclusive", " (same)"
+            verdicts.append(verdict)
+            shown = [f"{x:g}" if x is not None else "none" for x in (low["a"], low["b"])]
+            parts.append(f"within {within:g}×: {shown[0]} vs {shown[1]}{why} → {verdict}")
+        measured = "; ".join(parts)
+        for side in at_edge:
+            name = {"a": self.a[0][0], "b": self.b[0][0]}[side].rsplit("-d", 1)[0]
+            measured += (
+                f"; {name} still works at its sweep's smallest damping {lowest[side]:g}: its "
+                "smallest working damping may lie lower"
+            )
+        if all(v == "yes" for v in verdicts):
             return Outcome("yes", measured)
-        if low_a > low_b:
+        if all(v == "no" for v in verdicts):
             return Outcome("no", measured)
-        return Outcome("inconclusive", measured + " (same)")
+        return Outcome("inconclusive", measured)
+
+
+@dataclass(frozen=True)
+class NotApplicable(Check):
+    """A check of the paper's claim that this stand-in cannot test, shown but not judged.
+
+    ``check`` is evaluated for its measured text only; the verdict is ``"not applicable"`` and
+    ``reason`` says why (e.g. a timing claim about a GPU Wide ResNet, measured on a small CPU
+    CNN whose cost is dominated by a layer the paper's network does not have).
+    """
+
+    check: dict[str, Any]
+    reason: str
+    kind: ClassVar[str] = "not_applicable"
+
+    @classmethod
+    def of(cls, check: Check, reason: str) -> NotApplicable:
+        """Wrap ``check``."""
+        return cls(check.to_dict(), reason)
+
+    @property
+    def inner(self) -> Check:
+        """The wrapped check."""
+        return check_from_dict(self.check)
+
+    def labels(self) -> tuple[str, ...]:
+        """The wrapped check's runs."""
+        return self.inner.labels()
+
+    def describe(self, legends: dict[str, str] | None = None) -> str:
+        """The wrapped check's description, marked."""
+        return f"{self.inner.describe(legends)} (not applicable here)"
+
+    def evaluate(self, values: Values) -> Outcome:
+        """``"not applicable"``, with the wrapped check's measurement and the reason."""
+        return Outcome("not applicable", f"{self.inner.evaluate(values).measured}; {self.reason}")
 
 
 CHECKS: dict[str, type[Check]] = {
     cls.kind: cls
-    for cls in (Below, Near, RatioAtMost, Increasing, Equals, AtLeast, Exceeds, LowerWorkingDamping)
+    for cls in (
+        Below,
+        PairedBelow,
+        Near,
+        RatioAtMost,
+        Increasing,
+        Equals,
+        AtLeast,
+        Exceeds,
+        LowerWorkingDamping,
+        NotApplicable,
+    )
 }
 """Check classes by their ``kind``."""
 
@@ -526,13 +669,22 @@ def check_from_dict(values: dict[str, Any]) -> Check:
     if kind == "lower_working_damping":
         values["a"] = tuple(tuple(p) for p in values["a"])
         values["b"] = tuple(tuple(p) for p in values["b"])
+        if isinstance(values.get("within"), list):
+            values["within"] = tuple(values["within"])
     if kind == "increasing":
         values["order"] = tuple(values["order"])
     return cls(**values)
 
 
 def combine(verdicts: Sequence[str]) -> str:
-    """A figure's verdict: ``no`` if any check fails, else the least certain of the others."""
+    """A figure's verdict: ``no`` if any check fails, else the least certain of the others.
+
+    ``"not applicable"`` checks are left out; a figure with nothing else is not applicable.
+    """
+    applicable = [v for v in verdicts if v != "not applicable"]
+    if verdicts and not applicable:
+        return "not applicable"
+    verdicts = applicable
     if not verdicts:
         return "missing"
     if "no" in verdicts:

@@ -28,13 +28,16 @@ from foof.experiments.checks import (
     Increasing,
     LowerWorkingDamping,
     Near,
+    NotApplicable,
+    PairedBelow,
     RatioAtMost,
 )
 from foof.experiments.conv_figures import CONV_ALIASES, CONV_FIGURES
 from foof.experiments.laplace import METHODS as LAPLACE_METHODS
 from foof.experiments.spec import MODES, Figure, Run
 
-COSINE = "metric:kfac-foof-cosine/mean"
+COSINE = "metric:kfac-foof-cosine/network_d9_mean"
+LAYER_COSINE = "metric:kfac-foof-cosine/layer_mean"
 PROGRESS_FOOF = "metric:second-factor-progress/foof_mean"
 PROGRESS_KFAC = "metric:second-factor-progress/kfac_mean"
 TIME = "time_per_update"
@@ -540,6 +543,8 @@ def figure_3b(mode: str) -> Figure:
         checks=(
             Below("kfac-standard", _damping_label("kfac", 1.0), metric=COSINE),
             Increasing(tuple(heuristic), metric=COSINE),
+            Below("kfac-standard", _damping_label("kfac", 1.0), metric=LAYER_COSINE),
+            Increasing(tuple(heuristic), metric=LAYER_COSINE),
         ),
         metric=COSINE,
         plot="trajectory",
@@ -554,10 +559,12 @@ def figure_3b(mode: str) -> Figure:
             "learning rate over that same epoch.",
         ),
         notes="FOOF's update is that of FOOF with KFAC's input damping λ_A = π√λ (App. D.9), "
-        "computed from KFAC's own factors at each step; the inner product is "
-        "Σ_l tr(U_l (Σ_l + λ_A,l I) V_lᵀ). Each heuristic damping shares the learning rate "
-        "tuned for it in Fig. 3C (the same KFAC run)."
-        + ("" if _quick(mode) else " Measured every 10th step."),
+        "computed from KFAC's own factors at each step and multiplied per layer by "
+        "λ_A/λ as D.9 says of Fig. 3; the inner product is Σ_l tr(U_l (Σ_l + λ_A,l I) V_lᵀ). "
+        "The network's cosine is the paper's measure; the per-layer cosines (checked too, as "
+        "their mean over layers, and listed per layer below) do not depend on D.9's factor. "
+        "Each heuristic damping shares the learning rate tuned for it in Fig. 3C (the same KFAC "
+        "run)." + ("" if _quick(mode) else " Measured every 10th step."),
     )
 
 
@@ -566,7 +573,20 @@ def _standard_epochs_3(mode: str) -> dict[str, Any]:
 
 
 def _3cd_dampings(mode: str) -> tuple[float, ...]:
-    return (1e-4, 1e-2, 1.0, 1e2) if _quick(mode) else (1e-4, 1e-2, 1.0, 1e2, 1e4)
+    """Figs. 3C/3D's sweep, on D.2's grid (steps of 10²), extended down until both fail.
+
+    At 1e-4 (D.2's smallest but one) both methods still worked after one epoch, FOOF at its
+    best, so the sweep goes on down to 1e-8; tuning (App. D.2) extends it further if a method
+    still works there.
+    """
+    if _quick(mode):
+        return (1e-6, 1e-4, 1e-2, 1.0, 1e2)
+    return (1e-8, 1e-6, 1e-4, 1e-2, 1.0, 1e2, 1e4)
+
+
+WORKING_TOLERANCES = (1.25, 1.5, 2.0)
+"""Figs. 3C/3D: a damping "works" if its final loss is within this factor of the method's best;
+the verdict is given for each (the paper states no tolerance)."""
 
 
 def figure_3cd(mode: str) -> Figure:
@@ -608,7 +628,11 @@ def figure_3cd(mode: str) -> Figure:
         test_subset=_test_subset(mode),
         base={**minibatch_base(mode), **_standard_epochs_3(mode)},
         runs=tuple(runs),
-        checks=(LowerWorkingDamping(tuple(pairs["foof"]), tuple(pairs["kfac"]), within=2.0),),
+        checks=(
+            LowerWorkingDamping(
+                tuple(pairs["foof"]), tuple(pairs["kfac"]), within=WORKING_TOLERANCES
+            ),
+        ),
         plot="sweep",
         seeds=_seeds(mode),
         reduction=_reduction(
@@ -619,8 +643,13 @@ def figure_3cd(mode: str) -> Figure:
             "--search window`).",
         ),
         notes="Each damping has its own tuned learning rate (App. D.2). 'FOOF (KFAC's λ_A)' is "
-        "`KFAC(second_factor=False)`; unlike the paper's Fig. 3 runs its update is not multiplied "
-        "by λ_A (App. D.9): the per-damping learning rate absorbs the constant part of that scale.",
+        "`KFAC(second_factor=False)`. Unlike the paper's Fig. 3 runs its update is not multiplied "
+        "by λ_A/λ = π/√λ (App. D.9): the per-damping learning rate absorbs 1/√λ, but not π, "
+        "which differs between layers and changes during training. A damping 'works' if its "
+        "mean final loss is within 1.25×, 1.5× or 2× of the method's best (the verdict is given "
+        "for each; the paper states no tolerance). The sweep extends D.2's grid down to 1e-8, "
+        "until both methods fail; a damping without a tuned entry runs at the starting "
+        "learning rate (see the hyperparameters column).",
     )
 
 
@@ -688,13 +717,31 @@ def figure_4b(mode: str) -> Figure:
             foof(),
             foof("foof-T100", "FOOF (T=100)", key=FOOF_4B, inv_every=100),
         ),
-        checks=(Below("foof", "kfac"), Below("foof", "sgd"), Below("foof", "adam")),
+        checks=(
+            PairedBelow("foof", "kfac"),
+            PairedBelow("foof", "sgd"),
+            PairedBelow("foof", "adam"),
+        ),
         seeds=_seeds(mode),
         reduction=_quick_reduction(mode, QUICK_MINIBATCH),
-        notes="FOOF (T=100) uses FOOF (T=1)'s hyperparameters, as in the paper. KFAC has this "
+        notes="Checks pair the seeds (seed s of every method shares the initialisation and the "
+        "data order): 'lower' means lower on every seed, with the per-seed ratios shown. "
+        "FOOF (T=100) uses FOOF (T=1)'s hyperparameters, as in the paper. KFAC has this "
         "figure's own entry (not 1A's), so that FOOF and KFAC are tuned by the same search; SGD "
         "and Adam keep 1A's. 'More stable' is not checked automatically; see the curves.",
     )
+
+
+def _tuned_kfac_1a(mode: str) -> Run:
+    """Fig. 1A's Fashion-MNIST KFAC run, without 1A's setting, keyed to its tuned entry.
+
+    Fig. 4C uses "learning rate and damping that are optimal for KFAC" (Sec. 4): whatever
+    ``hyperparameters.json`` holds for 1A's KFAC, over every axis 1A tunes.
+    """
+    run = next(r for r in figure_1a(mode).runs if r.label == "fashion-mnist-kfac")
+    base = minibatch_base(mode, "fashion-mnist")
+    overrides = {k: v for k, v in run.overrides.items() if k not in base or base[k] != v}
+    return _replace(run, overrides=overrides, hyperparameters=KFAC_1A, group=None)
 
 
 def figure_4c(mode: str) -> Figure:
@@ -709,12 +756,10 @@ def figure_4c(mode: str) -> Figure:
         test_subset=_test_subset(mode),
         base={**minibatch_base(mode), **({} if _quick(mode) else {"epochs": 1})},
         runs=(
-            kfac(
-                "kfac",
-                "KFAC",
-                lr=0.3,
-                damping=1.0,
-                key=KFAC_1A,
+            _replace(
+                _tuned_kfac_1a(mode),
+                label="kfac",
+                legend="KFAC",
                 instruments=("second-factor-progress",),
             ),
         ),
@@ -817,6 +862,15 @@ def figure_j(mode: str) -> Figure:
     )
 
 
+CNN_TIMING = (
+    "the paper's +10%/+15% are for a Wide ResNet on a GPU; on this CNN one dense 3136→128 layer "
+    "dominates FOOF's and KFAC's extra cost (its 3137² input factor), so the overhead is "
+    "unreachable here and says nothing about the claim; figure 5WRN (the GPU check) tests it"
+)
+CNN_TIMING_SHORT = "not judged on the CNN stand-in (see the notes; 5WRN tests it on a GPU)"
+"""Why Fig. 5's timing checks are not applicable to the CNN stand-in (notes; short: checks)."""
+
+
 def figure_5(mode: str) -> Figure:
     """The conv-net stand-in for Fig. 5 (no CIFAR-10 here)."""
     if _quick(mode):
@@ -854,8 +908,8 @@ def figure_5(mode: str) -> Figure:
         checks=(
             Below("foof", "sgd"),
             Below("foof", "kfac"),
-            RatioAtMost("foof", "sgd", 1.25, metric=TIME),
-            RatioAtMost("kfac", "sgd", 1.30, metric=TIME),
+            NotApplicable.of(RatioAtMost("foof", "sgd", 1.25, metric=TIME), CNN_TIMING_SHORT),
+            NotApplicable.of(RatioAtMost("kfac", "sgd", 1.30, metric=TIME), CNN_TIMING_SHORT),
         ),
         seeds=_seeds(mode),
         reduction=_reduction(
@@ -867,8 +921,8 @@ def figure_5(mode: str) -> Figure:
         ),
         notes="Not the paper's Wide ResNet on CIFAR-10 (not available here) but foof's small "
         "CNN (2 conv + 2 dense layers, no BatchNorm) on Fashion-MNIST, momentum 0.9 for all, "
-        "inverses every T=500 steps from the S=10 steps before (App. D.6). Time overheads "
-        "'about 10%/15%' are checked as at most 25%/30%, on this machine's CPU.",
+        "inverses every T=500 steps from the S=10 steps before (App. D.6). The time overheads "
+        "are shown but not judged: " + CNN_TIMING + ".",
         paper="+10% (FOOF) and +15% (KFAC) time per update over SGD on a WRN (GPU).",
     )
 

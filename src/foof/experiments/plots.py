@@ -171,8 +171,10 @@ def _trajectory(plt, figure: FigureResults):
             if not metrics:
                 continue
             steps = np.array(metrics[0]["step"])
-            keys = ["cosine"] if instrument == "kfac-foof-cosine" else ["kfac", "foof"]
+            keys = ["network_d9"] if instrument == "kfac-foof-cosine" else ["kfac", "foof"]
             for key in keys:
+                if any(key not in m for m in metrics):
+                    continue  # results of an older instrument version
                 length = min(len(m[key]) for m in metrics)
                 series = np.array(
                     [[np.nan if v is None else v for v in m[key][:length]] for m in metrics]
@@ -184,7 +186,7 @@ def _trajectory(plt, figure: FigureResults):
                 smooth = _smooth(mean, width)
                 legend = (
                     run["legend"]
-                    if key == "cosine"
+                    if key == "network_d9"
                     else {
                         "kfac": "KFAC's update",
                         "foof": "without 2nd factor, norm-matched (FOOF)",
@@ -194,7 +196,7 @@ def _trajectory(plt, figure: FigureResults):
                     steps[: len(smooth)] + (width - 1) / 2 * _spacing(steps), smooth, label=legend
                 )
     ylabel = {
-        "kfac-foof-cosine": "cosine(KFAC, FOOF) in FOOF's metric",
+        "kfac-foof-cosine": "cosine(KFAC, FOOF·λ_A/λ) in FOOF's metric",
         "second-factor-progress": "relative loss decrease on mini-batch",
     }
     instruments = {i for run in figure.runs for i in run.get("instruments", [])}

@@ -33,13 +33,20 @@ from foof.io import read_json, write_json_atomic
 REPORT_FILE = "REPORT.md"
 SUMMARY_FILE = "summary.json"
 
-VERDICT_PLAIN = {"yes": "yes", "no": "no", "inconclusive": "inconclusive", "missing": "not run"}
+VERDICT_PLAIN = {
+    "yes": "yes",
+    "no": "no",
+    "inconclusive": "inconclusive",
+    "missing": "not run",
+    "not applicable": "not applicable",
+}
 
 VERDICT_TEXT = {
     "yes": "**yes**",
     "no": "**no**",
     "inconclusive": "inconclusive",
     "missing": "not run",
+    "not applicable": "not applicable",
 }
 
 
@@ -317,6 +324,7 @@ def _figure_section(figure: FigureResults, image: Path | None, out: Path) -> lis
         lines.append(f"| {description} | {outcome.measured} | {VERDICT_TEXT[outcome.verdict]} |")
     lines.append("")
     lines += _runs_table(figure)
+    lines += _cosine_table(figure)
     if image is not None:
         lines += ["", f"![{figure.id}]({os.path.relpath(image, out)})"]
     lines.append("")
@@ -351,6 +359,53 @@ def _runs_table(figure: FigureResults) -> list[str]:
         cells.append(_hyperparameter_text(figure, label, results))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _cosine_table(figure: FigureResults) -> list[str]:
+    """Fig. 3B's cosines per run: the network's (with and without D.9's scale) and per layer."""
+    instrument = "kfac-foof-cosine"
+    rows = []
+    layers: list[str] = []
+    for run in figure.runs:
+        metrics = [
+            r["metrics"][instrument]
+            for r in figure.results[run["label"]]
+            if "network_d9_mean" in r.get("metrics", {}).get(instrument, {})
+        ]
+        if not metrics:
+            continue
+        names = list(metrics[0]["per_layer_mean"])
+        layers += [n for n in names if n not in layers]
+        cells = [
+            str(Summary.of([_number(m[key]) for m in metrics]))
+            for key in ("network_d9_mean", "network_unscaled_mean")
+        ]
+        per_layer = {
+            n: str(Summary.of([_number(m["per_layer_mean"].get(n)) for m in metrics]))
+            for n in names
+        }
+        rows.append((figure.legends[run["label"]], len(metrics), cells, per_layer))
+    if not rows:
+        return []
+    header = ["run", "seeds", "network (D.9: FOOF × λ_A/λ)", "network (unscaled)"]
+    header += [f"layer {n}" for n in layers]
+    lines = [
+        "",
+        "Mean cosine over the instrumented steps in FOOF's metric, per layer and for the network "
+        "(the network's cosine with FOOF's update multiplied per layer by λ_A/λ as App. D.9 "
+        "says of Fig. 3, and without that factor; per-layer cosines do not depend on it):",
+        "",
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join("---" for _ in header) + " |",
+    ]
+    for legend, seeds, cells, per_layer in rows:
+        layer_cells = [per_layer.get(n, "–") for n in layers]
+        lines.append("| " + " | ".join([legend, str(seeds), *cells, *layer_cells]) + " |")
+    return lines
+
+
+def _number(value: Any) -> float:
+    return math.nan if value is None else float(value)
 
 
 def _hyperparameter_text(figure: FigureResults, label: str, results: list[dict]) -> str:

@@ -37,7 +37,7 @@ from foof.experiments import hyperparameters as hp
 from foof.experiments import laplace
 from foof.experiments.checks import format_number, metric_value
 from foof.experiments.figures import build
-from foof.experiments.instruments import build_instruments
+from foof.experiments.instruments import build_instruments, instrument_record
 from foof.experiments.spec import Figure, Run
 from foof.experiments.toy import toy_example
 from foof.io import read_json, write_json_atomic
@@ -73,7 +73,7 @@ class PlannedRun:
         """
         record = {
             "config": self.config.to_dict() if self.config is not None else None,
-            "instruments": list(self.run.instruments),
+            "instruments": instrument_record(self.run.instruments),
             "instrument_every": self.figure.instrument_every if self.run.instruments else None,
             "test_subset": self.figure.test_subset,
         }
