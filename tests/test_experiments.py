@@ -17,6 +17,7 @@ import foof.train
 from foof.cli import main
 from foof.experiments import FIGURES, build, figure_id
 from foof.experiments import hyperparameters as hp
+from foof.experiments import report as report_module
 from foof.experiments import runner as runner_module
 from foof.experiments import tune as tune_module
 from foof.experiments.checks import (
@@ -757,3 +758,36 @@ def test_reproduce_command_names_a_real_data_root_and_a_gpu_but_not_the_bundled_
     assert runner_module._data_root(build("5WRN", "standard"), "/data") == "/data"
     assert runner_module._data_root(build("1D", "standard"), "/data") is None
     assert runner_module._data_root(build("5WRN", "quick"), "/data") is None  # fake data
+
+
+def test_report_carries_both_protocols_and_does_not_judge_a_no_below_protocol(tmp_path, data_dir):
+    # b's lr (0.003) is far worse than a's: "b beats a" fails under both protocols
+    figure = _tiny_figure(seeds=1, lr_b=0.003)
+    kwargs = dict(progress=False, data_dir=data_dir)
+    reproduce([figure], out=tmp_path / "paper", protocol="paper", entries={"T1/b": {}}, **kwargs)
+    saved = read_json(tmp_path / "paper" / "T1" / "figure.json")
+    assert saved["protocol"] == "paper" and "--protocol paper" in saved["command"]
+    assert saved["hyperparameters"]["b"]["source"].startswith("paper's values")
+    short = {"T1/a": {"quick": {"values": {"lr": 0.03}, "protocol": "short"}}}
+    reproduce([figure], out=tmp_path / "tuned", entries=short, **kwargs)
+    tuned = report_module.find_figures([tmp_path / "tuned"])["T1"]
+    paper = report_module.find_figures([tmp_path / "paper"])["T1"]
+    assert paper.verdict() == "no" and paper.below_protocol() == []
+    # the same "no" with baselines not tuned by the full-budget protocol is not judged
+    assert combine([o.verdict for _, o in tuned.outcomes()]) == "no"
+    assert set(tuned.below_protocol()) == {"a", "b", "c"} and tuned.verdict() == "unjudged"
+    full = {
+        "T1/" + k: {"quick": {"values": {"lr": v}, "protocol": "full-budget"}}
+        for k, v in (("a", 0.03), ("b", 0.003), ("c", 0.01))
+    }
+    reproduce([figure], out=tmp_path / "full", entries=full, **kwargs)
+    assert report_module.find_figures([tmp_path / "full"])["T1"].verdict() == "no"
+    path = write_report(
+        [tmp_path / "tuned"], tmp_path / "report", plots=False, paper=[tmp_path / "paper"]
+    )
+    text = path.read_text()
+    assert "| verdict (tuned here) | verdict (paper's values) |" in text
+    assert "**At the paper's values**" in text and "Below the full-budget protocol" in text
+    summary = read_json(tmp_path / "report" / "summary.json")
+    assert summary["figures"]["T1"]["verdict"] == "unjudged"
+    assert summary["figures"]["T1"]["paper_values"]["verdict"] == "no"

@@ -35,7 +35,17 @@ def add_commands(commands: Any) -> None:
         "--seeds", type=_positive, default=None, help="seeds per run (default: the figure's)"
     )
     reproduce.add_argument(
-        "--out", type=Path, default=None, help="output directory (default: runs/reproduction/MODE)"
+        "--protocol",
+        choices=("tuned", "paper"),
+        default="tuned",
+        help="tuned (default): hyperparameters from hyperparameters.json (foof tune); paper: "
+        "the paper's Table D.4 values (in foof's scaling) for every run",
+    )
+    reproduce.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output directory (default: runs/reproduction/MODE, or MODE-paper)",
     )
     reproduce.add_argument(
         "--data-dir",
@@ -129,6 +139,16 @@ def add_commands(commands: Any) -> None:
     )
     report.add_argument("directories", nargs="*", type=Path, metavar="DIR")
     report.add_argument("--out", type=Path, default=None, help="default: the first DIR")
+    report.add_argument(
+        "--paper",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="results of `foof reproduce --protocol paper`: each figure's verdict at the "
+        "paper's values, beside the tuned one (repeatable; default: runs/reproduction/"
+        "standard-paper where it exists)",
+    )
     report.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     report.set_defaults(handler=_report)
 
@@ -183,7 +203,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     from foof.experiments.runner import default_out, reproduce
 
     names = list(FIGURES) if "all" in args.figures else list(dict.fromkeys(args.figures))
-    out = args.out if args.out is not None else default_out(args.mode)
+    out = args.out if args.out is not None else default_out(args.mode, args.protocol)
     start = time.perf_counter()
     outcomes = reproduce(
         names,
@@ -194,6 +214,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         download=args.download,
         device=args.device,
+        protocol=args.protocol,
     )
     counts = {s: sum(o.status == s for o in outcomes) for s in ("trained", "reused", "skipped")}
     failed = [o for o in outcomes if o.status == "failed"]
@@ -259,10 +280,13 @@ def _report(args: argparse.Namespace) -> int:
                 "no results found in runs/reproduction/{standard,quick}; run `foof reproduce` "
                 "first or name the directory"
             )
-    missing = [str(d) for d in directories if not d.is_dir()]
+    paper = args.paper
+    if not paper and not args.directories:
+        paper = [d for d in (default_out("standard", "paper"),) if d.is_dir()]
+    missing = [str(d) for d in [*directories, *paper] if not d.is_dir()]
     if missing:
         raise ConfigError(f"no such results directory: {', '.join(missing)}")
-    path = write_report(directories, args.out, plots=not args.no_plots)
+    path = write_report(directories, args.out, plots=not args.no_plots, paper=paper)
     for figure in find_figures(directories).values():
         print(f"foof: {format_summary_line(figure)}")
     print(f"foof: report -> {path}")

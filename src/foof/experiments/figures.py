@@ -155,14 +155,19 @@ def natural(
     key: str | None = None,
     **options: Any,
 ) -> Run:
-    """Exact subsampled natural gradients (:class:`foof.NaturalGradient`)."""
+    """Exact subsampled natural gradients (:class:`foof.NaturalGradient`).
+
+    Tunes lr, damping and momentum ∈ {0, 0.9}: a heavily damped natural gradient with
+    momentum is SGD+M in the limit, so a fair search must be able to reach it (App. D.2 searches
+    momentum for SGD; App. A tried "a form of momentum" for natural gradients).
+    """
     overrides: dict[str, Any] = {"optimizer": "natural", "lr": lr, "damping": damping}
     batch_size = options.pop("batch_size", None)
     if batch_size is not None:
         overrides["batch_size"] = batch_size
     if options:
         overrides["optimizer_options"] = options
-    return Run(label, legend, overrides, hyperparameters=key)
+    return Run(label, legend, overrides, tune=("lr", "damping", "momentum"), hyperparameters=key)
 
 
 def kfac(
@@ -200,20 +205,42 @@ def kfac(
     )
 
 
+PAPER_BATCH = 100
+"""The paper's mini-batch size (App. D.5), which converts its FOOF values to foof's scaling."""
+
+FOOF_PAPER_LR, FOOF_PAPER_DAMPING = 30.0 / PAPER_BATCH, 100.0 / PAPER_BATCH
+"""Table D.4's FOOF values (lr 30, damping 100) in foof's scaling: lr 0.3, damping 1.
+
+The paper's Σ is the moving average of ``A Aᵀ`` with ``A`` the ``in × D`` matrix of a batch's
+``D`` inputs (Sec. 2.2, Algorithm 1), a *sum* over the batch; foof's is the mean (so that the
+damping does not depend on the batch size). ``(A Aᵀ + λI)⁻¹ = (1/D)(Σ + (λ/D) I)⁻¹`` makes the
+paper's (lr, λ) foof's (lr/D, λ/D) exactly. KFAC's update does not change under this rescaling
+(π absorbs it), which is why its Table D.4 values carry over as they are; App. D.4 notes that
+damping values depend on such normalisations. Taken literally in foof's scaling (lr 30, λ 100),
+FOOF sits at the edge of stability: T=100 diverges at step 11 for seed 1 with or without
+App. K's initialisation (docs/reproduction/README.md, "The paper's FOOF values").
+"""
+
+
 def foof(
     label: str = "foof",
     legend: str = "FOOF",
     *,
-    lr: float = 30.0,
-    damping: float = 100.0,
+    lr: float = FOOF_PAPER_LR,
+    damping: float = FOOF_PAPER_DAMPING,
     key: str | None = None,
+    tune: tuple[str, ...] = ("lr", "damping"),
     **fields: Any,
 ) -> Run:
-    """FOOF (:class:`foof.FOOF`); ``fields`` are TrainConfig fields (inv_every, ...)."""
+    """FOOF (:class:`foof.FOOF`); ``fields`` are TrainConfig fields (inv_every, ...).
+
+    The defaults are the paper's values in foof's scaling (:data:`FOOF_PAPER_LR`).
+    """
     return Run(
         label,
         legend,
         {"optimizer": "foof", "lr": lr, "damping": damping, **fields},
+        tune=tune,
         hyperparameters=key,
     )
 
@@ -266,6 +293,14 @@ def figure_1a(mode: str) -> Figure:
             sgd(f"{dataset}-sgd"),
             adam(f"{dataset}-adam"),
             natural(f"{dataset}-natural", "Natural gradient (MC)", lr=1e-5, damping=1e-4),
+            # App. I.5: the Fisher of the previous, independent mini-batch
+            natural(
+                f"{dataset}-natural-indep",
+                "Natural gradient (MC, independent batch)",
+                lr=1e-5,
+                damping=1e-4,
+                fisher_batch="previous",
+            ),
             kfac(f"{dataset}-kfac", "KFAC", lr=0.3, damping=1.0),
         ]
         for run in dataset_runs:
@@ -274,6 +309,7 @@ def figure_1a(mode: str) -> Figure:
         checks += [
             Below(f"{dataset}-kfac", f"{dataset}-natural"),
             Below(f"{dataset}-kfac", f"{dataset}-natural", factor=10),
+            Below(f"{dataset}-kfac", f"{dataset}-natural-indep"),
         ]
     return Figure(
         id="1A",
@@ -842,8 +878,15 @@ def figure_j(mode: str) -> Figure:
                 {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "inv_every": None},
                 tune=("lr", "momentum"),
             ),
-            kfac("kfac", "KFAC", lr=0.1, damping=1.0, instruments=("second-factor-progress",)),
-            foof(lr=1.0, damping=10.0),
+            kfac(
+                "kfac",
+                "KFAC",
+                lr=0.1,
+                damping=1.0,
+                instruments=("second-factor-progress",),
+                tune=("lr", "damping", "momentum"),
+            ),
+            foof(lr=1.0, damping=10.0, tune=("lr", "damping", "momentum")),
         ),
         checks=(
             Below("kfac", "foof"),

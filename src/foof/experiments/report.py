@@ -39,6 +39,7 @@ VERDICT_PLAIN = {
     "inconclusive": "inconclusive",
     "missing": "not run",
     "not applicable": "not applicable",
+    "unjudged": "not judged (a no, with tuning below the full-budget protocol)",
 }
 
 VERDICT_TEXT = {
@@ -47,6 +48,7 @@ VERDICT_TEXT = {
     "inconclusive": "inconclusive",
     "missing": "not run",
     "not applicable": "not applicable",
+    "unjudged": "not judged (no, tuning below protocol)",
 }
 
 
@@ -93,9 +95,39 @@ class FigureResults:
             out.append((check.describe(self.legends), check.evaluate(self.values)))
         return out
 
+    @property
+    def protocol(self) -> str:
+        """Where the runs' hyperparameters came from (``tuned`` or ``paper``)."""
+        return self.spec.get("protocol", "tuned")
+
+    def below_protocol(self) -> list[str]:
+        """Labels of tuned-protocol runs whose values no full-budget search chose.
+
+        A run with hyperparameters to tune meets the protocol when its entry in
+        ``hyperparameters.json`` came from ``foof tune --protocol full-budget`` (App. D.2: best
+        final training loss at the full budget, grids extended at near-optimal edges). Empty
+        for the paper-values protocol, which tunes nothing by definition.
+        """
+        if self.protocol != "tuned":
+            return []
+        info = self.spec.get("hyperparameters", {})
+        return [
+            run["label"]
+            for run in self.runs
+            if run.get("tune") and info.get(run["label"], {}).get("protocol") != "full-budget"
+        ]
+
     def verdict(self) -> str:
-        """The figure's verdict (:func:`foof.experiments.checks.combine`)."""
-        return combine([outcome.verdict for _, outcome in self.outcomes()])
+        """The figure's verdict (:func:`foof.experiments.checks.combine`).
+
+        A **no** of the tuned protocol whose tuning is below the full-budget protocol is
+        ``unjudged``: a baseline tuned on a short budget or a local grid may be a strawman, so
+        such a figure reports no disagreement with the paper.
+        """
+        verdict = combine([outcome.verdict for _, outcome in self.outcomes()])
+        if verdict == "no" and self.below_protocol():
+            return "unjudged"
+        return verdict
 
     def seeds_found(self) -> tuple[int, int]:
         """(fewest complete seeds of any run, seeds asked for)."""
@@ -122,6 +154,7 @@ def write_report(
     *,
     plots: bool = True,
     title: str | None = None,
+    paper: Sequence[str | os.PathLike[str]] = (),
 ) -> Path:
     """Write ``REPORT.md``, one PNG per figure and ``summary.json`` into ``out``.
 
@@ -130,6 +163,8 @@ def write_report(
         out: where to write; ``None`` for the first directory.
         plots: draw the PNG plots (needs matplotlib).
         title: the report's title line.
+        paper: results directories of ``foof reproduce --protocol paper``: each figure also
+            gets its verdict at the paper's values (Table D.4), beside the tuned one.
 
     Returns:
         The path of ``REPORT.md``.
@@ -139,9 +174,11 @@ def write_report(
     out = Path(out) if out is not None else Path(directories[0])
     out.mkdir(parents=True, exist_ok=True)
     figures = find_figures(directories)
+    at_paper = find_figures(paper) if paper else {}
     lines: list[str] = []
     summary: dict[str, Any] = {"generated": _now(), "directories": [], "figures": {}}
     summary["directories"] = [str(d) for d in directories]
+    summary["paper_directories"] = [str(d) for d in paper]
     all_results = [r for f in figures.values() for rs in f.results.values() for r in rs]
 
     lines.append(f"# {title or 'Reproduction report: Benzing, ICML 2022'}")
@@ -154,7 +191,7 @@ def write_report(
     )
     lines.append("")
     lines += _legend_lines()
-    lines += _summary_table(figures)
+    lines += _summary_table(figures, at_paper)
     lines += _environment_lines(all_results)
     # the paper's figures in order (missing ones say how to run them), then any other figure
     # found in the directories (a user's own Figure spec)
@@ -171,7 +208,10 @@ def write_report(
 
             image = plot_figure(figure, out / f"{figure_id}.png")
         lines += _figure_section(figure, image, out)
+        lines += _paper_section(figure, at_paper.get(figure_id))
         summary["figures"][figure_id] = _figure_summary(figure)
+        if figure_id in at_paper:
+            summary["figures"][figure_id]["paper_values"] = _figure_summary(at_paper[figure_id])
     (out / REPORT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
     write_json_atomic(out / SUMMARY_FILE, summary)
     return out / REPORT_FILE
@@ -192,17 +232,23 @@ def _legend_lines() -> list[str]:
     ]
 
 
-def _summary_table(figures: dict[str, FigureResults]) -> list[str]:
+def _summary_table(
+    figures: dict[str, FigureResults], at_paper: dict[str, FigureResults] | None = None
+) -> list[str]:
+    at_paper = at_paper or {}
     lines = [
-        "| figure | paper's claim | verdict | mode | seeds |",
-        "| --- | --- | --- | --- | --- |",
+        "| figure | paper's claim | verdict (tuned here) | verdict (paper's values) | mode "
+        "| seeds |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for figure_id in FIGURES:
+        paper = at_paper.get(figure_id)
+        paper_verdict = VERDICT_TEXT[paper.verdict()] if paper is not None else "not run"
         if figure_id not in figures:
             spec = build(figure_id, "standard")
             lines.append(
                 f"| [{figure_id}](#{_anchor(figure_id, spec.title)}) | {spec.claim} | "
-                "not run | – | – |"
+                f"not run | {paper_verdict} | – | – |"
             )
             continue
         figure = figures[figure_id]
@@ -210,9 +256,46 @@ def _summary_table(figures: dict[str, FigureResults]) -> list[str]:
         verdict = VERDICT_TEXT[figure.verdict()]
         lines.append(
             f"| [{figure_id}](#{_anchor(figure_id, figure.spec['title'])}) | "
-            f"{figure.spec['claim']} | {verdict} | {figure.spec['mode']} | {found}/{asked} |"
+            f"{figure.spec['claim']} | {verdict} | {paper_verdict} | {figure.spec['mode']} | "
+            f"{found}/{asked} |"
         )
     return lines + [""]
+
+
+def _paper_section(tuned: FigureResults, paper: FigureResults | None) -> list[str]:
+    """The figure at the paper's values, and what the two protocols say together."""
+    lines = [""]
+    below = tuned.below_protocol()
+    if below:
+        lines.append(
+            "**Tuning.** Below the full-budget protocol for "
+            + ", ".join(f"`{label}`" for label in below)
+            + " (short-budget or local search, or untuned): a **no** here is not judged."
+        )
+        lines.append("")
+    if paper is None:
+        lines.append(
+            f"**At the paper's values:** not run (`foof reproduce {tuned.id} --mode "
+            f"{tuned.spec['mode']} --protocol paper`)."
+        )
+        return lines
+    found, asked = paper.seeds_found()
+    verdict, tuned_verdict = paper.verdict(), tuned.verdict()
+    lines.append(
+        f"**At the paper's values** (Table D.4 in foof's scaling; `{paper.spec['command']}`): "
+        f"**{VERDICT_PLAIN[verdict]}**, {found} of {asked} seeds."
+    )
+    if verdict == "yes" and tuned_verdict in ("no", "unjudged", "inconclusive"):
+        lines.append(
+            "*Finding: the claim holds at the paper's values but not (or not clearly) once "
+            "every method is tuned here.*"
+        )
+    elif tuned_verdict == "yes" and verdict in ("no", "inconclusive"):
+        lines.append("*The claim holds once every method is tuned, but not at the paper's values.*")
+    lines += ["", "| check (paper's values) | measured | verdict |", "| --- | --- | --- |"]
+    for description, outcome in paper.outcomes():
+        lines.append(f"| {description} | {outcome.measured} | {VERDICT_TEXT[outcome.verdict]} |")
+    return lines
 
 
 def _anchor(figure_id: str, title: str) -> str:

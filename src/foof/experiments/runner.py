@@ -48,10 +48,15 @@ DEFAULT_ROOT = Path("runs") / "reproduction"
 
 FIGURE_FILE = "figure.json"
 
+PROTOCOLS = ("tuned", "paper")
+"""Where a run's hyperparameters come from: ``tuned`` (``hyperparameters.json``, chosen here by
+``foof tune``; the spec's values where an entry is missing) or ``paper`` (the figure spec's
+values, the paper's Table D.4 in foof's scaling, ignoring every entry)."""
 
-def default_out(mode: str) -> Path:
-    """The default output directory of ``mode``."""
-    return DEFAULT_ROOT / mode
+
+def default_out(mode: str, protocol: str = "tuned") -> Path:
+    """The default output directory of ``mode``: ``runs/reproduction/<mode>[-paper]``."""
+    return DEFAULT_ROOT / (mode if protocol == "tuned" else f"{mode}-{protocol}")
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,7 @@ def plan(
     seeds: int | None = None,
     entries: dict[str, Any] | None = None,
     device: str | None = None,
+    protocol: str = "tuned",
 ) -> list[PlannedRun]:
     """Every (run, seed) of ``figure`` with its resolved config and results path.
 
@@ -147,11 +153,14 @@ def plan(
         entries: tuned hyperparameters (:func:`foof.experiments.hyperparameters.load`);
             ``None`` reads the default file.
         device: torch device for every run (``None``: the config's, ``cpu``).
+        protocol: one of :data:`PROTOCOLS`; ``paper`` ignores ``entries``.
 
     Returns:
         The planned runs, run by run, seed by seed.
     """
-    entries = hp.load() if entries is None else entries
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    entries = {} if protocol == "paper" else hp.load() if entries is None else entries
     seeds = figure.seeds if seeds is None else seeds
     directory = Path(out) / figure.id
     planned = []
@@ -166,7 +175,10 @@ def plan(
                 command=entry.get("command"),
                 note=entry.get("note"),
                 search=entry.get("search", "window"),
+                protocol=entry.get("protocol", "short"),
             )
+        elif protocol == "paper":
+            info["source"] = "paper's values (Table D.4 in foof's scaling, or a default)"
         else:
             info["source"] = "figure spec (paper's Table D.4 or a default; not tuned)"
         for seed in range(seeds):
@@ -208,6 +220,7 @@ def reproduce(
     device: str | None = None,
     command: str | None = None,
     log: Any = None,
+    protocol: str = "tuned",
 ) -> list[RunOutcome]:
     """Run what is missing of ``figures`` and return what happened to each run.
 
@@ -225,15 +238,16 @@ def reproduce(
         command: the command line recorded in each ``figure.json`` (default: rebuilt from the
             arguments).
         log: stream for one line per run (default ``sys.stderr``).
+        protocol: :data:`PROTOCOLS`: ``tuned`` (default) or ``paper`` (the spec's values).
 
     Returns:
         One :class:`RunOutcome` per run and seed.
     """
     log = sys.stderr if log is None else log
-    out = Path(out) if out is not None else default_out(mode)
+    out = Path(out) if out is not None else default_out(mode, protocol)
     specs = [f if isinstance(f, Figure) else build(f, mode) for f in figures]
     entries = hp.load() if entries is None else entries
-    plans = {spec.id: plan(spec, out, seeds, entries, device) for spec in specs}
+    plans = {spec.id: plan(spec, out, seeds, entries, device, protocol) for spec in specs}
     index = _index(out)
     cache = DataCache(data_dir, download)
     outcomes: list[RunOutcome] = []
@@ -245,9 +259,15 @@ def reproduce(
             directory.mkdir(parents=True, exist_ok=True)
             figure_seeds = spec.seeds if seeds is None else seeds
             figure_command = command or reproduce_command(
-                spec.id, spec.mode, out, seeds, device=device, data_root=_data_root(spec, data_dir)
+                spec.id,
+                spec.mode,
+                out,
+                seeds,
+                device=device,
+                data_root=_data_root(spec, data_dir),
+                protocol=protocol,
             )
-            _write_figure(directory, spec, figure_seeds, figure_command, plans[spec.id])
+            _write_figure(directory, spec, figure_seeds, figure_command, plans[spec.id], protocol)
             for planned in plans[spec.id]:
                 bar.set_description(f"reproduce {planned.name}")
                 outcome = _execute(planned, index, cache, progress)
@@ -267,6 +287,7 @@ def reproduce_command(
     seeds: int | None,
     device: str | None = None,
     data_root: str | os.PathLike[str] | None = None,
+    protocol: str = "tuned",
 ) -> str:
     """The ``foof reproduce`` command line that regenerates ``figure``.
 
@@ -274,9 +295,11 @@ def reproduce_command(
     the directory of the bundled MNIST files is not, being a property of the machine.
     """
     parts = ["foof", "reproduce", figure, "--mode", mode]
+    if protocol != "tuned":
+        parts += ["--protocol", protocol]
     if seeds is not None:
         parts += ["--seeds", str(seeds)]
-    if out is not None and Path(out) != default_out(mode):
+    if out is not None and Path(out) != default_out(mode, protocol):
         parts += ["--out", str(out)]
     if data_root is not None:
         parts += ["--data-root", str(data_root)]
@@ -432,9 +455,15 @@ def _describe(outcome: RunOutcome) -> str:
 
 
 def _write_figure(
-    directory: Path, spec: Figure, seeds: int, command: str, planned: Sequence[PlannedRun]
+    directory: Path,
+    spec: Figure,
+    seeds: int,
+    command: str,
+    planned: Sequence[PlannedRun],
+    protocol: str = "tuned",
 ) -> None:
     description = spec.to_dict()
+    description["protocol"] = protocol
     description["seeds"] = seeds
     description["command"] = command
     description["hyperparameters"] = {p.run.label: p.hyperparameters for p in planned}
