@@ -18,10 +18,12 @@ from foof.experiments.search import (
 
 
 def test_rungs():
-    assert rungs(10) == (1, 3, 10)
-    assert rungs(100) == (11, 33, 100)
+    assert rungs(10) == (3, 10)
+    assert rungs(100) == (33, 100)
+    assert rungs(200) == (67, 200)
     assert rungs(1) == (1,)
     assert rungs(3) == (1, 3)
+    assert rungs(10, count=3) == (1, 3, 10)
     with pytest.raises(ValueError, match="epochs must be >= 1"):
         rungs(0)
 
@@ -72,9 +74,9 @@ def test_finds_the_full_budget_optimum_that_a_short_budget_misses():
     # by enumeration: damping 1 (its penalty is 0), offset 0 -> lr 1
     assert result.winner == (1, 1)
     assert result.losses[((1, 1), 10)] == pytest.approx(1.0)
-    # the short budget preferred lr 3 in that row
-    short = {p: v for (p, e), v in result.losses.items() if e == 1 and p[1] == 1}
-    assert min(short, key=short.get) == (3, 1)
+    # after the first rung (3 epochs) that row preferred lr 2
+    short = {p: v for (p, e), v in result.losses.items() if e == 3 and p[1] == 1}
+    assert min(short, key=short.get) == (2, 1)
     # the winner's neighbourhood ran the full budget: both lr neighbours, both damping rows
     for neighbour in ((0, 1), (2, 1)):
         assert (neighbour, 10) in result.losses
@@ -158,6 +160,25 @@ def test_everything_diverging_searches_smaller_learning_rates():
 
     result = full_budget_search({"lr": [0]}, objective, (1,), center_lr=0)
     assert result.winner == (-7,)
+
+
+def test_every_row_keeps_its_contenders_past_a_cut():
+    # Fig. 1D's SGD: in the momentum row the learning rate that leads after a third of the
+    # budget is not the one that wins at the end, and that row trails the other at the cut
+    def objective(point, epochs):
+        lr, momentum = point
+        fraction = epochs / 100
+        if momentum == 1:
+            early, late = 0.9 + 0.02 * lr**2, 0.001 * 10 ** (0.7 * abs(lr - 2))
+        else:
+            early, late = 0.6 + 0.05 * (lr - 2) ** 2, 0.014 * (1 + 0.5 * (lr - 2) ** 2)
+        return (1 - fraction) * early + fraction * late
+
+    axes = {"lr": [0], "momentum": [0, 1]}
+    result = full_budget_search(axes, objective, rungs(100), center_lr=2, finalists=1, eta=10)
+    at_cut = {p: v for (p, e), v in result.losses.items() if e == 33 and p[1] == 1}
+    assert min(at_cut, key=at_cut.get) == (0, 1)  # the row's leader at the cut ...
+    assert result.winner == (2, 1)  # ... is not its winner, which still reached the end
 
 
 def test_momentum_rows_and_a_diverged_run_is_not_continued():

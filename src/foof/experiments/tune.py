@@ -419,6 +419,58 @@ def _tune_full_budget(
     return entry
 
 
+def protocol_problems(entry: dict[str, Any]) -> list[str]:
+    """What keeps a ``hyperparameters.json`` entry from meeting the full-budget protocol.
+
+    Met when it was made by ``--protocol full-budget``, its winner's learning-rate neighbours
+    ran the full budget and are not better (or diverged), and every row's (damping, momentum)
+    best learning rate at the first rung has both neighbours evaluated, the upper one no
+    better or diverged: each best is interior to the grid or sits at a divergence edge.
+
+    Returns:
+        One sentence per problem; empty when the entry meets the protocol.
+    """
+    if entry.get("protocol") != "full-budget":
+        return [f"tuned by the {entry.get('protocol', 'short')!r} protocol, not 'full-budget'"]
+    problems = [f"search hit its safety guard: {', '.join(entry['capped'])}"] * bool(
+        entry.get("capped")
+    )
+    names = entry["axes"]
+    rows = [n for n in names if n != "lr"]
+    full, first = entry["rungs"][-1], entry["rungs"][0]
+
+    def losses(epochs: int) -> dict[tuple, float]:
+        return {
+            tuple(point[n] for n in names): math.inf if point["loss"] is None else point["loss"]
+            for point in entry["grid"]
+            if point["epochs"] == epochs
+        }
+
+    def interior(line: dict[int, float], best: int, what: str) -> None:
+        for step in (-1, 1):
+            neighbour = line.get(best + step)
+            if neighbour is None:
+                problems.append(f"{what}: lr {lr_value(best):g} has no neighbour at {step:+d}")
+            elif neighbour < line[best]:
+                problems.append(f"{what}: lr {lr_value(best + step):g} is better")
+
+    winner = entry["values"]
+    row = tuple(winner[n] for n in rows)
+    at_full = {lr_index(k[0]): v for k, v in losses(full).items() if k[1:] == row}
+    interior(at_full, lr_index(winner["lr"]), f"winner at {full} epochs")
+    by_row: dict[tuple, dict[int, float]] = {}
+    for key, value in losses(first).items():
+        by_row.setdefault(key[1:], {})[lr_index(key[0])] = value
+    for key, line in sorted(by_row.items()):
+        finite = {lr: v for lr, v in line.items() if not math.isinf(v)}
+        if not finite:
+            continue  # a row where nothing trains has no best to place
+        best = min(finite, key=lambda lr: (finite[lr], lr))
+        label = ", ".join(f"{n} {v:g}" for n, v in zip(rows, key)) or "the line"
+        interior(line, best, f"row {label} at {first} epochs")
+    return problems
+
+
 def _full_budget_entry(
     figure: Figure,
     run: Run,
