@@ -34,8 +34,14 @@ class FOOF(KroneckerFactoredOptimizer):
         * The EMA is normalised by initialising it with the first batch: ``ema_decay=0`` means
           "this batch only".
         * On each step the statistics are updated first, then (every ``inv_every`` steps,
-          starting at step 0, and on the first ``inv_warmup`` steps) inverted, then used;
-          so the very first step already uses its own batch and no warm-up pass is needed.
+          starting at step 0, and on the first ``inv_warmup`` steps) inverted, then used.
+          The paper starts from the statistics of 50 batches (App. K):
+          :meth:`~foof.optim.kronecker.KroneckerFactoredOptimizer.warm_start` does that before
+          the first step (``foof train`` by default); without it step 0 inverts its own
+          batch's ``Σ`` alone, which with ``inv_every=T`` then serves ``T`` steps.
+        * ``Σ_l`` is a mean, where the paper's ``A Aᵀ`` is a sum over the batch: the paper's
+          ``(lr, damping)`` are foof's ``(lr/B, damping/B)`` (Table D.4's 30, 100 at batch 100
+          are 0.3, 1 here).
           ``stats_steps=S`` updates ``Σ`` only on the ``S`` steps ending with each inversion
           (Algorithm 1, line 10); on other steps the inputs are not even recorded.
         * ``P_l`` comes from a Cholesky factorisation (eigendecomposition fallback with a
