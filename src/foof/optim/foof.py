@@ -39,9 +39,9 @@ class FOOF(KroneckerFactoredOptimizer):
           :meth:`~foof.optim.kronecker.KroneckerFactoredOptimizer.warm_start` does that before
           the first step (``foof train`` by default); without it step 0 inverts its own
           batch's ``Σ`` alone, which with ``inv_every=T`` then serves ``T`` steps.
-        * ``Σ_l`` is a mean, where the paper's ``A Aᵀ`` is a sum over the batch: the paper's
-          ``(lr, damping)`` are foof's ``(lr/B, damping/B)`` (Table D.4's 30, 100 at batch 100
-          are 0.3, 1 here).
+        * ``Σ_l`` is a mean over rows. Algorithm 1 writes the paper's as ``A Aᵀ``, a sum over
+          the batch; if taken literally, the paper's ``(lr, damping)`` are foof's
+          ``(lr/B, damping/B)`` (docs/reproduction/README.md weighs the two readings).
           ``stats_steps=S`` updates ``Σ`` only on the ``S`` steps ending with each inversion
           (Algorithm 1, line 10); on other steps the inputs are not even recorded.
         * ``P_l`` comes from a Cholesky factorisation (eigendecomposition fallback with a
