@@ -39,7 +39,7 @@ def add_commands(commands: Any) -> None:
         choices=("tuned", "paper"),
         default="tuned",
         help="tuned (default): hyperparameters from hyperparameters.json (foof tune); paper: "
-        "the paper's Table D.4 values (in foof's scaling) for every run",
+        "the paper's Table D.4 values (as printed) for every run",
     )
     reproduce.add_argument(
         "--out",

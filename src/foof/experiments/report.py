@@ -282,7 +282,7 @@ def _paper_section(tuned: FigureResults, paper: FigureResults | None) -> list[st
     found, asked = paper.seeds_found()
     verdict, tuned_verdict = paper.verdict(), tuned.verdict()
     lines.append(
-        f"**At the paper's values** (Table D.4 in foof's scaling; `{paper.spec['command']}`): "
+        f"**At the paper's values** (Table D.4 as printed; `{paper.spec['command']}`): "
         f"**{VERDICT_PLAIN[verdict]}**, {found} of {asked} seeds."
     )
     if verdict == "yes" and tuned_verdict in ("no", "unjudged", "inconclusive"):

@@ -51,7 +51,7 @@ FIGURE_FILE = "figure.json"
 PROTOCOLS = ("tuned", "paper")
 """Where a run's hyperparameters come from: ``tuned`` (``hyperparameters.json``, chosen here by
 ``foof tune``; the spec's values where an entry is missing) or ``paper`` (the figure spec's
-values, the paper's Table D.4 in foof's scaling, ignoring every entry)."""
+values, the paper's Table D.4 as printed, ignoring every entry)."""
 
 
 def default_out(mode: str, protocol: str = "tuned") -> Path:
@@ -178,7 +178,7 @@ def plan(
                 protocol=entry.get("protocol", "short"),
             )
         elif protocol == "paper":
-            info["source"] = "paper's values (Table D.4 in foof's scaling, or a default)"
+            info["source"] = "paper's values (Table D.4 as printed, or a default)"
         else:
             info["source"] = "figure spec (paper's Table D.4 or a default; not tuned)"
         for seed in range(seeds):
