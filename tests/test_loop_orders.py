@@ -118,6 +118,14 @@ def test_loop_order_gives_the_canonical_update(name, loop):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_set_to_none_false_with_the_fused_backward_gives_the_canonical_update(name):
+    """Fused backward: zero_grad(set_to_none=False) zeroes only formed gradients; the skipped
+    weights' stay None, which is what sends the step to the recorded ``E`` and ``A``."""
+    fused = run(name, zeros_before_forward, fused_backward=True)
+    torch.testing.assert_close(fused, run(name, canonical), **TOL)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_accumulated_micro_batches_give_the_big_batch_update(name):
     """Statistics of all three forward passes, one step: the big batch's (full Fisher, and
     FOOF's Σ, are means over the same rows)."""

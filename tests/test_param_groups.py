@@ -269,3 +269,27 @@ def test_fallback_none_keeps_one_group_and_the_plain_sgd_rule():
         FOOF(model, lr=0.1, damping=0.1, fallback=None, fallback_options={"lr": 1.0})
     with pytest.raises(TypeError, match="torch.optim.Optimizer class"):
         FOOF(model, lr=0.1, damping=0.1, fallback=FOOF)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_model_without_layers_is_trained_by_the_fallback_alone_as_adamw_would(name):
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(5, 3), nn.LayerNorm(3)).double()
+
+    ours, theirs = model(), model()
+    with pytest.warns(UserWarning, match="fallback optimizer AdamW"):
+        opt = MAKERS[name](ours)
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["step"] == 0
+    adamw = torch.optim.AdamW(theirs.parameters())
+    for step in range(3):
+        tokens = torch.randint(0, 5, (6,), generator=torch.Generator().manual_seed(step))
+        targets = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(50 + step))
+        opt.zero_grad()
+        out = ours(tokens)
+        opt.backward(cross_entropy(out, targets), out)
+        opt.step()
+        adamw.zero_grad()
+        cross_entropy(theirs(tokens), targets).backward()
+        adamw.step()
+    assert torch.equal(flat(ours), flat(theirs)) and opt.step_count == 3

@@ -331,7 +331,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         rest = [p for p in params if id(p) not in taken]
         default = [p for p in rest if fallback_class is None or id(p) in owned]
         plain = [p for p in rest if fallback_class is not None and id(p) not in owned]
-        groups = ([{"params": default}] if default or not user else []) + user
+        groups = ([{"params": default}] if default or not (user or plain) else []) + user
         if plain:
             groups.append({"params": plain, "fallback": fallback_class.__name__})
         return groups

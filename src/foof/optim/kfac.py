@@ -102,17 +102,9 @@ class KFAC(KroneckerFactoredOptimizer):
         nonfinite: ``"skip"`` (default): a step whose loss, gradients or statistics hold a
             NaN/Inf changes nothing (parameters, momentum, statistics, step counter) and warns
             once per cause; ``"raise"``: raise :class:`foof.optim.base.NonFiniteError`.
-        param_groups: groups of the model's parameters with their own options, as in
-            ``torch.optim`` (``[{"params": model.head.parameters(), "lr": 0.1}]``); the rest
-            form group 0 (see :class:`~foof.optim.base.CurvatureOptimizer`). The schedule
-            options are optimizer-wide and cannot differ per group.
-        fallback: optimizer of the parameters outside every Linear/Conv2d (norms,
-            embeddings): a ``torch.optim.Optimizer`` class, ``"adamw"``, ``"adam"``, ``"sgd"``,
-            or ``None`` for plain SGD(+momentum) with their group's lr (the paper's rule,
-            catastrophic at a FOOF lr like 30 on a LayerNorm). Default AdamW, as Muon-style
-            optimizers route non-matrix parameters.
-        fallback_options: keyword arguments of the fallback (its own ``lr``, ``betas``,
-            ``weight_decay``; default the fallback's defaults, e.g. AdamW's lr 1e-3).
+        param_groups, fallback, fallback_options: parameter groups with their own options,
+            and the optimizer of the parameters outside every layer (default AdamW, ``None``
+            for plain SGD), as in :class:`~foof.optim.foof.FOOF`.
 
     Example:
         >>> import torch

@@ -153,14 +153,7 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
             inverse_sharding=inverse_sharding,
             **extra,
         )
-        super().__init__(
-            model,
-            defaults,
-            fused_backward=fused_backward,
-            param_groups=param_groups,
-            fallback=fallback,
-            fallback_options=fallback_options,
-        )
+        super().__init__(model, defaults, fused_backward, param_groups, fallback, fallback_options)
         self.low_rank = bool(low_rank)
         self._step_rows: dict[nn.Module, Tensor | None] = {}
         # Whether the low-rank product was cheaper for some layer when last evaluated (None:
