@@ -24,7 +24,6 @@ Conventions:
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -354,14 +353,3 @@ def unsupported_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {
         name: p for name, p in model.named_parameters() if p.requires_grad and id(p) not in owned
     }
-
-
-def warn_unsupported(model: nn.Module, method: str) -> None:
-    """Warn once, naming them, that some parameters get a plain SGD(+momentum) update."""
-    names = list(unsupported_parameters(model))
-    if names:
-        warnings.warn(
-            f"{method}: {len(names)} parameter(s) belong to layers without curvature support "
-            f"and get a plain SGD(+momentum) update: {', '.join(names)}",
-            stacklevel=3,
-        )
