@@ -134,13 +134,14 @@ def test_state_dict_has_torch_optims_layout_side_by_side():
     fallback's state is exactly a standalone AdamW's on the same gradients."""
     model = normed()
     norm = list(model[1].parameters())
-    opt = FOOF(
-        model,
-        lr=0.1,
-        damping=0.1,
-        momentum=0.9,
-        param_groups=[{"params": model[3].parameters(), "lr": 0.05}],
-    )
+    with pytest.warns(UserWarning, match=r"param group\(s\) 2: 1\.weight, 1\.bias"):
+        opt = FOOF(
+            model,
+            lr=0.1,
+            damping=0.1,
+            momentum=0.9,
+            param_groups=[{"params": model[3].parameters(), "lr": 0.05}],
+        )
     twin = normed()  # the same initialisation, unhooked
     layers = [twin[0].weight, twin[0].bias]
     torch_opt = torch.optim.SGD(
@@ -212,6 +213,7 @@ def test_the_fallback_gets_its_own_options_and_zero_grad_and_scheduler_reach_it(
         opt = FOOF(
             model, lr=30.0, damping=1.0, fallback=torch.optim.SGD, fallback_options={"lr": 0.01}
         )
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
     before = model[1].weight.detach().clone()
     x, y = data(0)
     opt.zero_grad()
@@ -221,7 +223,7 @@ def test_the_fallback_gets_its_own_options_and_zero_grad_and_scheduler_reach_it(
     torch.testing.assert_close(model[1].weight.detach(), before - 0.01 * grad, **TOL)
     opt.zero_grad()
     assert model[1].weight.grad is None
-    torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5).step()
+    scheduler.step()
     assert opt.fallback.param_groups[0]["lr"] == pytest.approx(0.005)
 
 
