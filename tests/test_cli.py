@@ -287,3 +287,14 @@ def test_a_diverged_run_exits_3_unless_allowed(data_dir, tmp_path, capsys):
     assert json.loads(out.read_text())["diverged"] is True  # and the results are kept
     assert main([*args, "--allow-divergence"]) == 0
     assert "error" not in capsys.readouterr().err
+
+
+def test_fallback_flags_reach_the_optimizer_options(data_dir, tmp_path):
+    out = tmp_path / "fallback.json"
+    args = tiny_args(data_dir, "--optimizer", "foof", "--damping", "1.0", "--init-batches", "0")
+    flags = ["--fallback", "adamw", "--fallback-lr", "1e-4", "--fallback-weight-decay", "0"]
+    assert main([*args, *flags, "--out", str(out)]) == 0
+    options = json.loads(out.read_text())["config"]["optimizer_options"]
+    assert options["fallback"] == "adamw"
+    assert options["fallback_options"] == {"lr": 1e-4, "weight_decay": 0.0}
+    assert main([*args, "--fallback-lr", "1e-4", "--out", str(out)]) == 2

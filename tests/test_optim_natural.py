@@ -231,7 +231,7 @@ def test_a_model_without_supported_layers_trains_alike_in_all_three_optimizers()
             opt = make(model.parameters(), lr=0.1, momentum=0.9)
         else:
             with pytest.warns(UserWarning, match="plain SGD"):
-                opt = make(model, lr=0.1, damping=0.1, momentum=0.9)
+                opt = make(model, lr=0.1, damping=0.1, momentum=0.9, fallback=None)
         for _ in range(3):
             opt.zero_grad()
             logits = model(x)

@@ -15,14 +15,15 @@ Conventions:
       so the weight and the bias are preconditioned jointly as one matrix ``[W, b]``.
     * When. Hooks record only when the module is in training mode *and* autograd is enabled;
       forward passes under ``torch.no_grad()`` or in ``model.eval()`` leave everything untouched.
-    * Scope. Records accumulate from every forward call since the last :meth:`Capture.clear`,
-      so they cover the same forward passes as accumulated ``.grad`` between two ``zero_grad``
-      calls (gradient accumulation and a module used twice both just add rows).
+    * Scope. Records accumulate from every forward call since the last :meth:`Capture.clear`
+      (gradient accumulation and a module used twice both just add rows). The optimizers clear
+      them in ``step()``; their ``zero_grad()`` calls :meth:`Capture.mark` instead, so that the
+      records of a forward pass survive a ``zero_grad`` between forward and backward, while a
+      forward pass that follows a ``zero_grad`` starts afresh, as its gradients do.
 """
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -110,6 +111,14 @@ class LayerRecord:
     calls: int = 0
     empty_calls: int = 0
 
+    def mark(self) -> None:
+        """Forget the records at the next recorded forward pass, keep them until then.
+
+        What ``zero_grad`` means for statistics: called before a forward pass it clears (the
+        usual loop), called between forward and backward it keeps that forward's records.
+        """
+        self._stale = any(record.calls for record in self.records.values())
+
     def clear(self) -> None:
         """Drop every recorded tensor."""
         self.inputs.clear()
@@ -163,6 +172,7 @@ class Capture:
         self._record_outputs = record_outputs
         self._record_output_grads = record_output_grads
         self._grads_paused = False
+        self._stale = False
         self._training_only = training_only
         # The hooks close over a weak reference so a forgotten capture can still be collected.
         self_ref = weakref.ref(self)
@@ -188,6 +198,8 @@ class Capture:
             return
         if not (torch.is_grad_enabled() and output.requires_grad):
             return
+        if self._stale:  # the first recorded forward pass after a mark(): start afresh
+            self.clear()
         record = self.records[module]
         call = record.calls
         record.calls += 1
@@ -303,8 +315,17 @@ class Capture:
         """``(name, module)`` for every hooked layer, in ``model.named_modules()`` order."""
         return iter(self.layers.items())
 
+    def mark(self) -> None:
+        """Forget the records at the next recorded forward pass, keep them until then.
+
+        What ``zero_grad`` means for statistics: called before a forward pass it clears (the
+        usual loop), called between forward and backward it keeps that forward's records.
+        """
+        self._stale = any(record.calls for record in self.records.values())
+
     def clear(self) -> None:
         """Forget everything recorded (the hooks stay)."""
+        self._stale = False
         for record in self.records.values():
             record.clear()
 
@@ -332,14 +353,3 @@ def unsupported_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {
         name: p for name, p in model.named_parameters() if p.requires_grad and id(p) not in owned
     }
-
-
-def warn_unsupported(model: nn.Module, method: str) -> None:
-    """Warn once, naming them, that some parameters get a plain SGD(+momentum) update."""
-    names = list(unsupported_parameters(model))
-    if names:
-        warnings.warn(
-            f"{method}: {len(names)} parameter(s) belong to layers without curvature support "
-            f"and get a plain SGD(+momentum) update: {', '.join(names)}",
-            stacklevel=3,
-        )

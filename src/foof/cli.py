@@ -36,6 +36,7 @@ from foof.data import (
 )
 from foof.experiments.cli import add_commands as add_experiment_commands
 from foof.models import MODELS
+from foof.optim.base import FALLBACKS
 from foof.optim.kfac import DAMPING_MODES
 from foof.optim.natural import FISHER_BATCHES
 from foof.optim.registry import OPTIMIZERS
@@ -178,6 +179,23 @@ def _add_train(commands: Any) -> None:
         "(not in the paper)",
     )
     curvature.add_argument(
+        "--fallback",
+        choices=("none", *FALLBACKS),
+        default=None,
+        help="FOOF, KFAC, natural gradient: optimizer of the parameters outside every "
+        "Linear/Conv2d (norms, embeddings); default none: plain SGD with the method's lr, "
+        "the paper's protocol",
+    )
+    curvature.add_argument(
+        "--fallback-lr", type=float, default=None, help="the fallback optimizer's lr"
+    )
+    curvature.add_argument(
+        "--fallback-weight-decay",
+        type=float,
+        default=None,
+        help="the fallback optimizer's weight decay",
+    )
+    curvature.add_argument(
         "--fisher-batch",
         choices=FISHER_BATCHES,
         default=None,
@@ -270,7 +288,18 @@ def _curvature_options(args: argparse.Namespace) -> dict[str, Any]:
         "inv_warmup": ("foof", "kfac"),
         "fisher_batch": ("natural",),
         "likelihood": ("kfac", "natural"),
+        "fallback": ("foof", "kfac", "natural"),
+        "fallback_options": ("foof", "kfac", "natural"),
     }
+    fallback_options = {
+        key: value
+        for key, value in (("lr", args.fallback_lr), ("weight_decay", args.fallback_weight_decay))
+        if value is not None
+    }
+    if fallback_options and args.fallback in (None, "none"):
+        raise ConfigError(
+            "--fallback-lr and --fallback-weight-decay need --fallback adamw|adam|sgd"
+        )
     given = {
         "fisher": args.fisher,
         "damping_mode": args.damping_mode,
@@ -280,12 +309,17 @@ def _curvature_options(args: argparse.Namespace) -> dict[str, Any]:
         "inv_warmup": args.inv_warmup,
         "fisher_batch": args.fisher_batch,
         "likelihood": args.likelihood,
+        "fallback": args.fallback,
+        "fallback_options": fallback_options or None,
     }
     for name, value in given.items():
         if value is None:
             continue
         if args.optimizer not in accepted[name]:
-            flag = "--" + {"second_factor": "no-second-factor"}.get(name, name).replace("_", "-")
+            flag = "--" + {
+                "second_factor": "no-second-factor",
+                "fallback_options": "fallback-lr/--fallback-weight-decay",
+            }.get(name, name).replace("_", "-")
             raise ConfigError(f"{flag} applies to --optimizer {' or '.join(accepted[name])}")
         options[name] = value
     return options

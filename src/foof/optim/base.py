@@ -11,19 +11,26 @@ from __future__ import annotations
 import itertools
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from foof import distributed
-from foof.capture import Capture, is_supported, layer_in_dim, warn_unsupported
+from foof.capture import Capture, is_supported, layer_in_dim
 from foof.curvature.sampling import FisherSampler
 from foof.optim.fused import WeightGradientSkipper
 from foof.validation import check_choice, check_range
 
 NONFINITE_POLICIES = ("skip", "raise")
+
+#: the fallback optimizers known by name (``fallback="adamw"``, e.g. from the command line).
+FALLBACKS: dict[str, type[torch.optim.Optimizer]] = {
+    "adamw": torch.optim.AdamW,
+    "adam": torch.optim.Adam,
+    "sgd": torch.optim.SGD,
+}
 
 #: the live foof optimizers hooked into each layer, to warn when a second one hooks the same
 #: model (weak on both sides: neither the layer nor the optimizer is kept alive by it)
@@ -56,6 +63,44 @@ def gradient_matrix(module: nn.Module, zero_if_missing: bool = False) -> Tensor 
     return grad
 
 
+def resolve_fallback(
+    fallback: type[torch.optim.Optimizer] | str | None,
+) -> type[torch.optim.Optimizer] | None:
+    """The fallback optimizer class: a ``torch.optim.Optimizer`` subclass, a name, or None.
+
+    ``None`` (or ``"none"``) means no fallback optimizer: those parameters get the plain
+    SGD(+momentum) rule with their group's own hyperparameters.
+
+    Raises:
+        ValueError: an unknown name. TypeError: anything else but an optimizer class taking
+            parameters (foof's own optimizers take a model).
+    """
+    if fallback is None or fallback == "none":
+        return None
+    if isinstance(fallback, str):
+        check_choice("fallback", fallback, (*FALLBACKS, "none"))
+        return FALLBACKS[fallback]
+    if (
+        isinstance(fallback, type)
+        and issubclass(fallback, torch.optim.Optimizer)
+        and not issubclass(fallback, CurvatureOptimizer)
+    ):
+        return fallback
+    raise TypeError(
+        "fallback must be a torch.optim.Optimizer class (e.g. torch.optim.AdamW), one of "
+        f"{', '.join(map(repr, FALLBACKS))}, or None; got {fallback!r}"
+    )
+
+
+def _as_group(given: Any, where: str) -> dict[str, Any]:
+    """A copy of a user's param group with ``params`` as a list, as ``torch.optim`` takes it."""
+    if not isinstance(given, dict) or "params" not in given:
+        raise TypeError(f"{where} must be a dict with a 'params' entry, got {given!r}")
+    params = given["params"]
+    params = [params] if isinstance(params, Tensor) else list(params)
+    return {**given, "params": params}
+
+
 class CurvatureOptimizer(torch.optim.Optimizer):
     """Base class: a ``torch.optim.Optimizer`` that preconditions Linear/Conv2d layers.
 
@@ -67,8 +112,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     * decoupled weight decay ``W ← W − lr·weight_decay·W``,
     * ``W ← W − lr·buf``,
 
-    and gives every parameter that no supported layer owns (BatchNorm, embeddings, ...) the same
-    rule with ``D = ∇`` (plain SGD with momentum), after one warning naming those parameters.
+    and sends every parameter that no supported layer owns (norms, embeddings, positional
+    parameters, ...) to a fallback optimizer (``fallback``, AdamW by default, with its own
+    options ``fallback_options``), after one warning naming those parameters and their group.
+    ``fallback=None`` gives them the same rule with ``D = ∇`` instead (plain SGD with momentum
+    at their group's lr: what the paper's MLP/CNN protocols use, see
+    :func:`foof.optim.registry.build_optimizer`).
 
     With ``fused_backward=True`` autograd does not form the weight gradients ``Ĝ = EᵀA`` of the
     preconditioned Linear layers whose input requires grad (see :mod:`foof.optim.fused`;
@@ -80,18 +129,36 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     unsupported layers keep their gradients. Not available under ``torch.distributed`` (DDP
     reduces gradients, which would then not exist).
 
-    All hyperparameters live in the single parameter group, so LR schedulers and manual edits
-    of ``param_groups[0]`` work as with any torch optimizer. The step counter is
-    ``param_groups[0]["step"]``; per-layer state (factors, inverses, momentum) is stored under
-    the layer's weight and is saved by ``state_dict()``.
+    Parameter groups, as in ``torch.optim``: ``param_groups=[{"params": ..., "lr": ...}, ...]``
+    names groups of the model's parameters with their own options; the model's other
+    parameters form group 0 (those of supported layers; all of them with ``fallback=None``)
+    and, last, the fallback's group. A layer's curvature options (``damping``, ``ema_decay``,
+    KFAC's ``damping_mode`` and ``second_factor``) and momentum are those of the group holding
+    its weight; ``lr`` and ``weight_decay`` apply per parameter, so a bias may sit in a group
+    without weight decay. A group holds either parameters of supported layers (this
+    optimizer's options) or parameters outside them (the fallback's options, e.g. ``betas``),
+    never both. The schedule is the optimizer's, not a group's: the step counter
+    ``param_groups[0]["step"]`` and :attr:`global_options` (``inv_every``, ``stats_steps``,
+    ``inv_warmup``, ...) live in group 0 only, and a group giving one of them another value is
+    refused. LR schedulers (one lambda per group) and edits of ``param_groups[i]`` work as with
+    any torch optimizer; the fallback optimizer shares these very group dicts and the state,
+    so it is scheduled, zeroed, saved and restored with this optimizer. Per-layer state
+    (factors, inverses, momentum) is stored under the layer's weight, the fallback's under each
+    of its parameters, as ``torch.optim`` lays it out.
 
-    Parameters, as in ``torch.optim``: the group holds every parameter of the model, frozen ones
-    included. A parameter with ``requires_grad=False`` (or without a gradient) is left alone on
-    a step; one unfrozen later (gradual unfreezing) trains from then on, and a supported layer
-    whose weight is unfrozen is preconditioned from its first statistics step (until then, if
-    that is not the step it is unfrozen on, it gets a plain gradient step, with a warning).
-    ``add_param_group`` is refused: the optimizer preconditions the layers of the model it was
-    built on. :attr:`layers` are the supported layers whose weight is trainable right now.
+    Every parameter of the model is in a group, frozen ones included. A parameter with
+    ``requires_grad=False`` (or without a gradient) is left alone on a step; one unfrozen later
+    (gradual unfreezing) trains from then on, and a supported layer whose weight is unfrozen is
+    preconditioned from its first statistics step (until then, if that is not the step it is
+    unfrozen on, it gets a plain gradient step, with a warning). ``add_param_group`` adds
+    parameters outside the model's layers (a new ``nn.Parameter``): they go to the fallback
+    (or, with ``fallback=None``, to a group with this optimizer's options). It refuses a
+    parameter already in a group and one of a layer attached to the model after construction
+    (not hooked). :attr:`layers` are the supported layers whose weight is trainable right now.
+
+    Statistics belong to the training forward passes since the last ``step()``, which clears
+    them: ``zero_grad()`` may come before the forward pass or between forward and backward
+    (see :meth:`zero_grad`), and micro-batches accumulated before one step all count.
 
     A step is skipped, changing nothing (parameters, momentum, statistics, the step counter),
     when it meets a NaN/Inf (see ``nonfinite``) or an empty batch (no input row reached any
@@ -103,34 +170,69 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     factor_keys: tuple[str, ...] = ()
     #: the Fisher's extra backward pass, for methods that need one (KFAC, natural gradients).
     sampler: FisherSampler | None = None
+    #: options of the whole optimizer, not of a group (kept in ``param_groups[0]`` with the
+    #: step counter; a group given another value is refused).
+    global_options: tuple[str, ...] = ("nonfinite",)
 
     def __init__(
-        self, model: nn.Module, defaults: dict[str, Any], fused_backward: bool = False
+        self,
+        model: nn.Module,
+        defaults: dict[str, Any],
+        fused_backward: bool = False,
+        param_groups: Iterable[dict[str, Any]] | None = None,
+        fallback: type[torch.optim.Optimizer] | str | None = None,
+        fallback_options: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"{type(self).__name__} takes the model (an nn.Module), got "
                 f"{type(model).__name__}; it hooks into the model's layers to capture their inputs"
             )
-        check_range("lr", defaults.get("lr"), 0.0)
-        check_range("momentum", defaults.get("momentum", 0.0), 0.0, 1.0, high_open=True)
-        check_range("weight_decay", defaults.get("weight_decay", 0.0), 0.0)
         defaults.setdefault("nonfinite", "skip")
         check_choice("nonfinite", defaults["nonfinite"], NONFINITE_POLICIES)
+        self._check_group_values(defaults, "the optimizer")
+        fallback_class = resolve_fallback(fallback)
+        if fallback_class is None and fallback_options:
+            raise ValueError(
+                f"fallback_options {fallback_options!r} given without a fallback optimizer "
+                "(fallback=None gives those parameters the plain SGD rule of their group)"
+            )
         # Every parameter, frozen ones included, as torch.optim keeps them: one frozen now and
         # unfrozen later (gradual unfreezing) is then updated instead of silently left out.
         params = list(model.parameters())
         if not any(p.requires_grad for p in params):
             raise ValueError("the model has no trainable parameters")
-        super().__init__([{"params": params, "step": 0}], defaults)
-        self._built = True
         #: every supported layer of the model, trainable or not (see :attr:`layers`).
         self.model_layers: dict[str, nn.Module] = {
             name: m for name, m in model.named_modules() if is_supported(m)
         }
+        self._param_names = {id(p): name for name, p in model.named_parameters()}
         owned = {id(p) for m in self.model_layers.values() for p in m.parameters(recurse=False)}
-        self.other_params = [p for p in params if id(p) not in owned]
-        warn_unsupported(model, type(self).__name__)
+        self._model = weakref.ref(model)  # the optimizer does not own the model
+        self._fallback_class = fallback_class
+        self._fallback_options = dict(fallback_options or {})
+        groups = self._initial_groups(params, owned, param_groups, fallback_class)
+        fallback_groups = [g for g in groups if g.get("fallback")]
+        #: the optimizer of the parameters outside every curvature block (None: plain SGD in
+        #: their own group); its param groups and state are this optimizer's own (shared).
+        self.fallback: torch.optim.Optimizer | None = None
+        if fallback_groups:  # it fills in its defaults in those very dicts
+            self.fallback = self._build_fallback(fallback_groups, self._fallback_options)
+        super().__init__(groups, defaults)
+        # the schedule is the optimizer's: its keys and the step counter live in group 0 only
+        self.param_groups[0].update({k: defaults[k] for k in self.global_options}, step=0)
+        self._built = True
+        self._link_fallback()
+        #: parameters outside every supported layer that take the plain SGD rule of their
+        #: group (``fallback=None``); with a fallback optimizer they are its parameters.
+        self.other_params = [
+            p
+            for g in self.param_groups
+            if not g.get("fallback")
+            for p in g["params"]
+            if id(p) not in owned
+        ]
+        self._warn_unsupported(model)
         self._warned: set[str] = set()
         #: steps skipped (empty batch, non-finite values) since construction.
         self.skipped_steps = 0
@@ -192,29 +294,239 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 stacklevel=4,
             )
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Refused after construction: the optimizer preconditions its model's layers.
+    # -- parameter groups ----------------------------------------------------------------------
+    def _initial_groups(
+        self,
+        params: list[Tensor],
+        owned: set[int],
+        param_groups: Iterable[dict[str, Any]] | None,
+        fallback_class: type[torch.optim.Optimizer] | None,
+    ) -> list[dict[str, Any]]:
+        """The groups at construction: the default one, the user's in order, the fallback's.
+
+        Model parameters no user group names go to group 0 (parameters of supported layers, and
+        with ``fallback=None`` all of them) or to a last group for the fallback optimizer.
+        """
+        in_model = {id(p) for p in params}
+        taken: dict[int, int] = {}
+        user = []
+        for index, given in enumerate(param_groups or ()):
+            where = f"param_groups[{index}]"
+            group = _as_group(given, where)
+            for param in group["params"]:
+                if id(param) not in in_model:
+                    raise ValueError(
+                        f"{where} holds a parameter of shape {tuple(param.shape)} that is not in "
+                        f"the model; {type(self).__name__} takes the model's parameters (add "
+                        "others later with add_param_group)"
+                    )
+                if id(param) in taken:
+                    raise ValueError(
+                        f"parameter {self._param_names[id(param)]!r} is in param_groups"
+                        f"[{taken[id(param)]}] and {where}; as in torch.optim, a parameter "
+                        "belongs to one group"
+                    )
+                taken[id(param)] = index
+            user.append(self._classify(group, owned, fallback_class, where))
+        rest = [p for p in params if id(p) not in taken]
+        default = [p for p in rest if fallback_class is None or id(p) in owned]
+        plain = [p for p in rest if fallback_class is not None and id(p) not in owned]
+        groups = ([{"params": default}] if default or not (user or plain) else []) + user
+        if plain:
+            groups.append({"params": plain, "fallback": fallback_class.__name__})
+        return groups
+
+    def _classify(
+        self,
+        group: dict[str, Any],
+        owned: set[int],
+        fallback_class: type[torch.optim.Optimizer] | None,
+        where: str,
+    ) -> dict[str, Any]:
+        """Mark ``group`` as the fallback's when it holds only parameters outside every layer.
 
         Raises:
-            ValueError: always, once the optimizer is built (``torch.optim`` calls this for
-                the initial group itself).
+            ValueError: it mixes the two kinds (their options mean different things).
         """
-        if not getattr(self, "_built", False):
-            super().add_param_group(param_group)
+        if fallback_class is None:
+            return group
+        plain = [p for p in group["params"] if id(p) not in owned]
+        if plain and len(plain) < len(group["params"]):
+            names = ", ".join(self._param_names.get(id(p), "?") for p in plain)
+            raise ValueError(
+                f"{where} mixes parameters of preconditioned layers with parameters that go to "
+                f"the fallback optimizer {fallback_class.__name__} ({names}); pass them in "
+                "separate groups, since the two optimizers take different options"
+            )
+        if plain:
+            group["fallback"] = fallback_class.__name__
+        return group
+
+    def _build_fallback(
+        self, groups: list[dict[str, Any]], options: dict[str, Any]
+    ) -> torch.optim.Optimizer:
+        """The fallback optimizer over ``groups`` (it keeps and fills in those very dicts)."""
+        try:
+            return self._fallback_class(groups, **options)
+        except TypeError as error:
+            raise TypeError(
+                f"fallback {self._fallback_class.__name__} rejects fallback_options "
+                f"{options!r}: {error}"
+            ) from error
+
+    def _link_fallback(self) -> None:
+        """Make the fallback optimizer work on this optimizer's own groups and state.
+
+        Shared, not copied: a scheduler or a hand edit of ``param_groups`` reaches it, and
+        ``state_dict()`` holds its state under the same parameter ids as ``torch.optim`` would.
+        Called again whenever ``load_state_dict`` replaces the groups and the state.
+        """
+        self._group_index = {
+            id(p): i for i, group in enumerate(self.param_groups) for p in group["params"]
+        }
+        if self.fallback is not None:
+            self.fallback.param_groups = [g for g in self.param_groups if g.get("fallback")]
+            self.fallback.state = self.state
+
+    def group_of(self, param: Tensor) -> dict[str, Any]:
+        """The parameter group holding ``param``; a layer's is the group of its weight."""
+        return self.param_groups[self._group_index[id(param)]]
+
+    @property
+    def schedule(self) -> dict[str, Any]:
+        """The group holding the optimizer-wide options (:attr:`global_options`) and ``step``."""
+        return self.param_groups[0]
+
+    def _check_group_values(self, values: dict[str, Any], where: str) -> None:
+        """Raise ``ValueError`` naming ``where`` for a bad per-group hyperparameter."""
+        try:
+            check_range("lr", values.get("lr", 0.0), 0.0)
+            check_range("momentum", values.get("momentum", 0.0), 0.0, 1.0, high_open=True)
+            check_range("weight_decay", values.get("weight_decay", 0.0), 0.0)
+            check_range("damping", values.get("damping", 0.0), 0.0)
+            check_range("ema_decay", values.get("ema_decay", 0.0), 0.0, 1.0, high_open=True)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, as in ``torch.optim``; it takes the optimizer's defaults for what it omits.
+
+        Parameters outside the model's supported layers (a new nn.Parameter, a module outside
+        the model) go to the fallback optimizer (its options, e.g. ``{"params": p, "lr":
+        1e-4}``), or with ``fallback=None`` to a group with this optimizer's options and the
+        plain SGD rule. The optimizer-wide options (:attr:`global_options`, ``step``) cannot
+        be set per group.
+
+        Raises:
+            ValueError: a parameter already in a group (every model parameter is in one from
+                the start: change that group's options instead); a parameter of a layer
+                attached to the model after construction (its inputs are not hooked: build
+                the optimizer again); an optimizer-wide option with a value of its own.
+        """
+        if not getattr(self, "_built", False):  # torch.optim's __init__ adds the initial groups
+            if param_group.get("fallback"):
+                self.param_groups.append(param_group)
+            else:
+                self._add_own_group(param_group, f"param group {len(self.param_groups)}")
             return
-        raise ValueError(
-            f"{type(self).__name__} does not support add_param_group: it preconditions the "
-            "layers of the model it was built on, with one parameter group. Its parameters "
-            "already include the model's frozen ones, which train once unfrozen "
-            "(requires_grad_(True)); for parameters outside the model, build the optimizer on a "
-            "module that holds them all, or train them with a separate torch.optim optimizer"
+        where = f"param group {len(self.param_groups)}"
+        group = _as_group(param_group, where)
+        for param in group["params"]:
+            if id(param) in self._group_index:
+                index = self._group_index[id(param)]
+                name = self._param_names.get(id(param), f"of shape {tuple(param.shape)}")
+                raise ValueError(
+                    f"parameter {name!r} is already in param group {index}; as in torch.optim "
+                    f"a parameter belongs to one group: set its options there "
+                    f"(opt.param_groups[{index}]['lr'] = ...) or pass param_groups= when "
+                    "building the optimizer"
+                )
+            layer = self._unhooked_layer(param)
+            if layer is not None:
+                raise ValueError(
+                    f"{where}: the parameter belongs to layer {layer!r}, attached to the model "
+                    f"after {type(self).__name__} was built, so its inputs are not hooked; "
+                    "build the optimizer again on the grown model"
+                )
+        if self._fallback_class is None:
+            self._add_own_group(group, where)
+            self.other_params += group["params"]
+        else:
+            group["fallback"] = self._fallback_class.__name__
+            if self.fallback is None:
+                self.fallback = self._build_fallback([group], self._fallback_options)
+            else:
+                self.fallback.add_param_group(group)
+            self.param_groups.append(group)
+        self._link_fallback()
+
+    def _add_own_group(self, group: dict[str, Any], where: str) -> None:
+        """``torch.optim``'s ``add_param_group``; optimizer-wide options stay in group 0."""
+        for key in (*self.global_options, "step"):
+            if key in group and group[key] != self.defaults.get(key):
+                raise ValueError(
+                    f"{where}: {key}={group[key]!r} cannot be set per group: {key} is "
+                    f"optimizer-wide in {type(self).__name__} (one schedule of statistics and "
+                    f"inversions for all layers); it is {self.defaults.get(key)!r} here, set "
+                    "it in the constructor"
+                )
+        self._check_group_values(group, where)
+        super().add_param_group(group)
+        added = self.param_groups[-1]
+        for key in (*self.global_options, "step"):
+            added.pop(key, None)
+
+    def _unhooked_layer(self, param: Tensor) -> str | None:
+        """The name of a supported layer of the model owning ``param`` but not hooked, or None."""
+        model = self._model()
+        if model is None:
+            return None
+        for name, module in model.named_modules():
+            if is_supported(module) and module not in self.model_layers.values():
+                if any(p is param for p in module.parameters(recurse=False)):
+                    return name
+        return None
+
+    def _warn_unsupported(self, model: nn.Module) -> None:
+        """Warn once, naming them, where the parameters outside every layer's block go."""
+        names = [
+            name
+            for name, p in model.named_parameters()
+            if p.requires_grad
+            and id(p) in {id(q) for q in self._fallback_params() + self.other_params}
+        ]
+        if not names:
+            return
+        if self.fallback is not None:
+            groups = [i for i, g in enumerate(self.param_groups) if g.get("fallback")]
+            first = self.param_groups[groups[0]]
+            options = ", ".join(
+                f"{k}={first[k]!r}" for k in ("lr", "betas", "weight_decay") if k in first
+            )
+            where = (
+                f"go to the fallback optimizer {type(self.fallback).__name__} ({options}) in "
+                f"param group(s) {', '.join(map(str, groups))}"
+            )
+        else:
+            where = (
+                "get a plain SGD(+momentum) update with their group's lr, momentum and weight "
+                "decay (fallback=None)"
+            )
+        warnings.warn(
+            f"{type(self).__name__}: {len(names)} parameter(s) belong to layers without "
+            f"curvature support and {where}: {', '.join(names)}",
+            stacklevel=5,
         )
+
+    def _fallback_params(self) -> list[Tensor]:
+        """The parameters of the fallback optimizer's groups."""
+        return [p for g in self.param_groups if g.get("fallback") for p in g["params"]]
 
     # -- what a method needs captured on the coming step (asked at forward time) --------------
     @property
     def step_count(self) -> int:
         """Number of optimizer steps taken so far."""
-        return self.param_groups[0]["step"]
+        return self.schedule["step"]
 
     def fuses(self) -> bool:
         """Whether this step's backward skips the weight gradients (``fused_backward``)."""
@@ -322,8 +634,23 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         loss.backward()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear gradients and the captured statistics, which share the same scope."""
+        """Clear the gradients, as ``torch.optim`` does; the captured statistics are kept.
+
+        Statistics belong to the training forward passes since the last :meth:`step` (which
+        clears them), not since the last ``zero_grad``: so ``zero_grad`` may come before the
+        forward pass or between forward and backward, and gradient accumulation over several
+        micro-batches takes the statistics of all of them. Precisely, the records are
+        dropped at the first recorded forward pass after a ``zero_grad`` (the usual loop); the
+        Fisher's pending output gradients (KFAC, natural gradients) come from a backward pass,
+        whose gradients ``zero_grad`` discards, so they are dropped at once.
+        """
         super().zero_grad(set_to_none=set_to_none)
+        self.capture.mark()
+        if self.sampler is not None:
+            self.sampler.clear()
+
+    def clear_records(self) -> None:
+        """Forget the captured statistics and the Fisher's pending gradients (done by ``step``)."""
         self.capture.clear()
         if self.sampler is not None:
             self.sampler.clear()
@@ -333,7 +660,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         state = super().state_dict()
         if self.sampler is not None:
             state["fisher_sampler"] = self.sampler.state_dict()
-        state["foof"] = {"optimizer": type(self).__name__, "layers": self._layer_signature()}
+        state["foof"] = {
+            "optimizer": type(self).__name__,
+            "layers": self._layer_signature(),
+            "fallback": None if self.fallback is None else type(self.fallback).__name__,
+        }
         return state
 
     def _layer_signature(self) -> dict[str, list[int]]:
@@ -389,6 +720,36 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 "this checkpoint was saved for a different model (layer [out, in_dim] shapes "
                 "differ): " + "; ".join(differences[:5]) + ("; ..." if len(differences) > 5 else "")
             )
+        self._check_groups_match(state_dict, meta)
+
+    def _check_groups_match(self, state_dict: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose parameter groups are not this optimizer's, saying why.
+
+        A checkpoint from before the fallback optimizer existed (no ``fallback`` entry) had one
+        group holding every parameter; it loads into ``fallback=None`` with one group.
+        """
+        theirs = [(len(g["params"]), g.get("fallback")) for g in state_dict.get("param_groups", [])]
+        ours = [(len(g["params"]), g.get("fallback")) for g in self.param_groups]
+        if theirs == ours:
+            return
+        ours_fallback = None if self.fallback is None else type(self.fallback).__name__
+        hint = ""
+        if "fallback" not in meta:
+            hint = (
+                "; it was saved before the fallback optimizer existed, with one group and plain "
+                f"SGD for every parameter outside a layer: build {type(self).__name__} with "
+                "fallback=None to resume it"
+            )
+        elif meta["fallback"] != ours_fallback:
+            hint = (
+                f"; it was saved with fallback={meta['fallback']!r}, this optimizer has "
+                f"{ours_fallback!r}"
+            )
+        raise ValueError(
+            "this checkpoint's parameter groups differ from this optimizer's ([parameters, "
+            f"fallback] per group: checkpoint {[list(t) for t in theirs]}, optimizer "
+            f"{[list(o) for o in ours]}){hint}; nothing was loaded"
+        )
 
     def layer_items(self) -> Iterator[tuple[str, nn.Module, dict[str, Any]]]:
         """``(name, module, state)`` per preconditioned layer; state lives under the weight."""
@@ -407,17 +768,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        group = self.param_groups[0]
-        self._check_backward_ran(group)
+        schedule = self.schedule
+        self._check_backward_ran(schedule)
         skip = self._skip_reason(loss)
         if skip is not None:
-            self._skip_step(*skip, group)
+            self._skip_step(*skip, schedule)
             return loss
         self._unpreconditioned = set()
         # Curvature algebra stays in the factors' precision even if step() runs under autocast.
-        with torch.autocast(device_type=group["params"][0].device.type, enabled=False):
-            self.update_curvature(group)
+        with torch.autocast(device_type=schedule["params"][0].device.type, enabled=False):
+            self.update_curvature(schedule)
             for _, module, state in self.layer_items():
+                group = self.group_of(module.weight)
                 grad = gradient_matrix(module)
                 factors = None if grad is not None else self.gradient_factors(module)
                 if grad is None and factors is None:
@@ -432,15 +794,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 self._apply(state, [module.weight, module.bias], direction, group)
             for param in self.plain_params():
                 if param.grad is not None:
-                    self._apply(self.state[param], [param], param.grad, group)
-        group["step"] += 1
-        self.capture.clear()
+                    self._apply(self.state[param], [param], param.grad, self.group_of(param))
+        if self.fallback is not None:
+            self.fallback.step()
+        schedule["step"] += 1
+        self.clear_records()
         return loss
 
     def plain_params(self) -> list[Tensor]:
-        """Parameters updated by plain SGD(+momentum) this step.
+        """Parameters updated by plain SGD(+momentum) this step, in their own group.
 
-        Those of unsupported layers, and the biases of supported layers whose weight is frozen.
+        Those of unsupported layers when there is no fallback optimizer (:attr:`other_params`),
+        and the biases of supported layers whose weight is frozen.
         """
         biases = [
             m.bias
@@ -451,7 +816,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _check_backward_ran(self, group: dict[str, Any]) -> None:
         """Raise before anything changes if no parameter has a gradient to step with."""
-        if any(p.grad is not None for p in group["params"]):
+        if any(p.grad is not None for g in self.param_groups for p in g["params"]):
             return
         if self.fused_backward and any(
             self.capture.records[m].output_grads for m in self.layers.values()
@@ -485,7 +850,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         # Under torch.distributed every rank must skip (or raise on) the same steps, or a rank
         # that skips alone would leave the others waiting in the next statistics reduction.
         local = 2 if nonfinite else int(reason is not None)
-        worst = distributed.max_over_ranks(local, like=self.param_groups[0]["params"][0])
+        worst = distributed.max_over_ranks(local, like=self.schedule["params"][0])
         if worst == local:
             return None if reason is None else (reason, nonfinite)
         if worst == 2:
@@ -500,7 +865,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         Under ``torch.distributed`` a fault on any rank is one on every rank.
         """
         fault = self._first_nonfinite(loss)
-        like = self.param_groups[0]["params"][0]
+        like = self.schedule["params"][0]
         if distributed.any_rank(fault is not None, like=like) and fault is None:
             fault = "a loss, gradient or statistic on another rank"
         return fault
@@ -519,9 +884,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if self.fused_backward and module.weight.grad is None:
                 for grads in self.capture.records[module].output_grads:
                     named.append((f"the output gradients of layer {name!r}", grads))
-        for index, param in enumerate(self.plain_params()):
+        for index, param in enumerate(self.plain_params() + self._fallback_params()):
             if param.grad is not None:
-                named.append((f"the gradient of unsupported parameter #{index}", param.grad))
+                name = self._param_names.get(id(param), f"#{index}")
+                named.append((f"the gradient of unsupported parameter {name!r}", param.grad))
         if self.sampler is not None and self.sampler.pending is not None:
             names = {m: n for n, m in self.layers.items()}
             for module, grads in self.sampler.pending[0].items():
@@ -544,9 +910,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         ``nonfinite="raise"`` raises for a non-finite value; an empty batch is always skipped.
         """
-        self.capture.clear()
-        if self.sampler is not None:
-            self.sampler.clear()
+        self.clear_records()
         message = (
             f"{type(self).__name__}: step {group['step']} skipped, {reason} "
             "(parameters, momentum and statistics left unchanged)"
@@ -560,14 +924,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             )
         self.skipped_steps += 1
 
-    @staticmethod
     def _apply(
-        state: dict[str, Any], params: list, direction: Tensor, group: dict[str, Any]
+        self, state: dict[str, Any], params: list, direction: Tensor, group: dict[str, Any]
     ) -> None:
         """Momentum, decoupled weight decay and the update of the parameters in ``params``.
 
         ``direction`` is the joint ``[W, b]`` matrix for a layer (split back by column), or the
-        parameter-shaped gradient for a plain parameter.
+        parameter-shaped gradient for a plain parameter. ``momentum`` is that of ``group`` (the
+        weight's: the buffer is joint); ``lr`` and ``weight_decay`` are each parameter's own
+        group's, so a bias may sit in a group without weight decay, as with torch.optim.
         """
         momentum = group["momentum"]
         if momentum > 0:
@@ -577,7 +942,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             else:
                 buffer.mul_(momentum).add_(direction)
             direction = buffer
-        lr, weight_decay = group["lr"], group["weight_decay"]
         if len(params) == 2 and params[1] is not None:
             pairs = [(params[0], direction[:, :-1]), (params[1], direction[:, -1])]
         else:
@@ -585,6 +949,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for param, param_direction in pairs:
             if not param.requires_grad:
                 continue
+            own = self.group_of(param)
+            lr, weight_decay = own["lr"], own["weight_decay"]
             if weight_decay:
                 param.mul_(1.0 - lr * weight_decay)
             param.add_(param_direction.reshape(param.shape).to(param.dtype), alpha=-lr)
@@ -607,6 +973,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             for i in ids
         }
         super().load_state_dict(state_dict)
+        self._link_fallback()
         params = [p for g in self.param_groups for p in g["params"]]
         for position, i in enumerate(ids):
             for key, value in saved[i].items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -49,8 +50,11 @@ class FOOF(KroneckerFactoredOptimizer):
           for a float64 model), also when the forward pass runs under bf16/fp16 autocast.
         * Statistics are recorded only by forward passes in training mode with autograd on; an
           evaluation pass under ``model.eval()`` or ``torch.no_grad()`` touches nothing.
-        * Parameters of unsupported layers (anything but Linear and ungrouped Conv2d) get plain
-          SGD with the same lr, momentum and weight decay; a warning names them.
+        * Parameters of unsupported layers (anything but Linear and ungrouped Conv2d) go to
+          the ``fallback`` optimizer (AdamW by default, its own options); a warning names them.
+        * Statistics belong to the training forward passes since the last ``step()``:
+          ``zero_grad()`` before the forward pass or between forward and backward, ``k``
+          micro-batches accumulated before one step, and closures all give the same update.
 
     Args:
         model: the network. FOOF hooks into its layers, so it takes the model, not parameters.
@@ -82,6 +86,17 @@ class FOOF(KroneckerFactoredOptimizer):
         nonfinite: ``"skip"`` (default): a step whose loss, gradients or statistics hold a
             NaN/Inf changes nothing (parameters, momentum, statistics, step counter) and warns
             once per cause; ``"raise"``: raise :class:`foof.optim.base.NonFiniteError`.
+        param_groups: groups of the model's parameters with their own options, as in
+            ``torch.optim`` (``[{"params": model.head.parameters(), "lr": 0.1}]``); the rest
+            form group 0 (see :class:`~foof.optim.base.CurvatureOptimizer`). The schedule
+            options are optimizer-wide and cannot differ per group.
+        fallback: optimizer of the parameters outside every Linear/Conv2d (norms,
+            embeddings): a ``torch.optim.Optimizer`` class, ``"adamw"``, ``"adam"``, ``"sgd"``,
+            or ``None`` for plain SGD(+momentum) with their group's lr (the paper's rule,
+            catastrophic at a FOOF lr like 30 on a LayerNorm). Default AdamW, as Muon-style
+            optimizers route non-matrix parameters.
+        fallback_options: keyword arguments of the fallback (its own ``lr``, ``betas``,
+            ``weight_decay``; default the fallback's defaults, e.g. AdamW's lr 1e-3).
 
     Example:
         >>> import torch
@@ -100,7 +115,6 @@ class FOOF(KroneckerFactoredOptimizer):
     """
 
     factor_keys = ("input_covariance", "inverse", "cholesky")
-    inverse_keys = ("inverse",)
 
     def __init__(
         self,
@@ -117,6 +131,9 @@ class FOOF(KroneckerFactoredOptimizer):
         inverse_sharding: str = "replicated",
         fused_backward: bool = False,
         inv_warmup: int = 0,
+        param_groups: Iterable[dict[str, Any]] | None = None,
+        fallback: type[torch.optim.Optimizer] | str | None = torch.optim.AdamW,
+        fallback_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(
             model,
@@ -131,18 +148,21 @@ class FOOF(KroneckerFactoredOptimizer):
             inverse_sharding,
             fused_backward,
             inv_warmup,
+            param_groups,
+            fallback,
+            fallback_options,
             nonfinite=nonfinite,
         )
 
-    @staticmethod
-    def solves(group: dict[str, Any]) -> bool:
+    def solves(self, group: dict[str, Any]) -> bool:
         """Whether each inverse is used for one step only (``inv_every=1``, not sharded).
 
         Then the layer keeps the Cholesky factor ``L`` of ``Σ_l + λI`` and the product is two
         triangular solves (``2·in²·k`` flops for ``k`` right-hand sides) instead of forming
         ``P_l`` (about ``in³`` flops more), the same update up to rounding.
         """
-        return group["inv_every"] == 1 and group["inverse_sharding"] == "replicated"
+        schedule = self.schedule
+        return schedule["inv_every"] == 1 and schedule["inverse_sharding"] == "replicated"
 
     def invert(self, name: str, state: dict[str, Any], group: dict[str, Any]) -> None:
         """``P_l = (Σ_l + λI)⁻¹``, or its Cholesky factor if used once (see :meth:`solves`)."""
@@ -155,7 +175,7 @@ class FOOF(KroneckerFactoredOptimizer):
         state.pop("cholesky", None)
         state["inverse"] = damped_inverse(state["input_covariance"], group["damping"])
 
-    def has_inverse(self, state: dict[str, Any]) -> bool:
+    def has_inverse(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
         """Whether ``state`` holds ``P_l`` or its Cholesky factor."""
         return "inverse" in state or "cholesky" in state
 

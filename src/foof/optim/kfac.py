@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -101,6 +102,9 @@ class KFAC(KroneckerFactoredOptimizer):
         nonfinite: ``"skip"`` (default): a step whose loss, gradients or statistics hold a
             NaN/Inf changes nothing (parameters, momentum, statistics, step counter) and warns
             once per cause; ``"raise"``: raise :class:`foof.optim.base.NonFiniteError`.
+        param_groups, fallback, fallback_options: parameter groups with their own options,
+            and the optimizer of the parameters outside every layer (default AdamW, ``None``
+            for plain SGD), as in :class:`~foof.optim.foof.FOOF`.
 
     Example:
         >>> import torch
@@ -141,6 +145,9 @@ class KFAC(KroneckerFactoredOptimizer):
         inverse_sharding: str = "replicated",
         fused_backward: bool = False,
         inv_warmup: int = 0,
+        param_groups: Iterable[dict[str, Any]] | None = None,
+        fallback: type[torch.optim.Optimizer] | str | None = torch.optim.AdamW,
+        fallback_options: dict[str, Any] | None = None,
     ) -> None:
         check_choice("damping_mode", damping_mode, DAMPING_MODES)
         check_choice("fisher", fisher, FISHER_TYPES)
@@ -162,6 +169,9 @@ class KFAC(KroneckerFactoredOptimizer):
             inverse_sharding,
             fused_backward,
             inv_warmup,
+            param_groups,
+            fallback,
+            fallback_options,
             damping_mode=damping_mode,
             fisher=fisher,
             likelihood=likelihood,
@@ -183,18 +193,33 @@ class KFAC(KroneckerFactoredOptimizer):
         "gradient_eigenvectors",
     )
 
-    @property
-    def inverse_keys(self) -> tuple[str, ...]:  # type: ignore[override]
-        """State keys the current damping mode needs."""
-        group = self.param_groups[0]
-        if group["damping_mode"] == "standard":
-            return ("input_eigenvectors", "gradient_eigenvectors")
-        kind = "cholesky" if self.solves(group) else "inverse"
-        sides = ("input", "gradient") if group["second_factor"] else ("input",)
-        return tuple(f"{side}_{kind}" for side in sides)
+    global_options = (*KroneckerFactoredOptimizer.global_options, "fisher", "likelihood")
 
-    @staticmethod
-    def solves(group: dict[str, Any]) -> bool:
+    def has_inverse(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
+        """Whether ``state`` holds what the layer group's damping mode needs."""
+        if group["damping_mode"] == "standard":
+            keys: tuple[str, ...] = ("input_eigenvectors", "gradient_eigenvectors")
+        else:
+            kind = "cholesky" if self.solves(group) else "inverse"
+            sides = ("input", "gradient") if group["second_factor"] else ("input",)
+            keys = tuple(f"{side}_{kind}" for side in sides)
+        return all(k in state for k in keys)
+
+    def _check_group_values(self, values: dict[str, Any], where: str) -> None:
+        """Also the damping mode and its constraints, per group."""
+        super()._check_group_values(values, where)
+        base = getattr(self, "defaults", {})  # unset while the defaults themselves are checked
+        mode = values.get("damping_mode", base.get("damping_mode"))
+        if "damping_mode" in values:
+            check_choice("damping_mode", values["damping_mode"], DAMPING_MODES)
+        damping = values.get("damping", base.get("damping", 1.0))
+        if mode == "standard" and not damping > 0:
+            raise ValueError(f"{where}: damping must be > 0 for standard damping, got {damping!r}")
+        second = values.get("second_factor", True)
+        if mode == "standard" and not second:
+            raise ValueError(f"{where}: second_factor=False is defined for heuristic damping only")
+
+    def solves(self, group: dict[str, Any]) -> bool:
         """Whether heuristic damping's inverses are used for one step only.
 
         With ``inv_every=1`` (not sharded) each layer keeps the Cholesky factors of the damped
@@ -202,20 +227,21 @@ class KFAC(KroneckerFactoredOptimizer):
         flops, forming the inverse from the factor another ``2n³/3`` that the solves with
         ``batch`` right-hand sides (``2n²·batch``) do not need. The same update up to rounding.
         """
+        schedule = self.schedule
         return (
             group["damping_mode"] == "heuristic"
-            and group["inv_every"] == 1
-            and group["inverse_sharding"] == "replicated"
+            and schedule["inv_every"] == 1
+            and schedule["inverse_sharding"] == "replicated"
         )
 
     # -- capture: what a statistics step needs --------------------------------------------------
     def wants_outputs(self) -> bool:
         """Keep layer outputs for the Fisher backward (mc/full) on statistics steps."""
-        return self.param_groups[0]["fisher"] != "empirical" and self.is_stats_step()
+        return self.schedule["fisher"] != "empirical" and self.is_stats_step()
 
     def wants_output_grads(self) -> bool:
         """The loss's output gradients: empirical Fisher (stats steps) and low-rank products."""
-        empirical = self.param_groups[0]["fisher"] == "empirical" and self.is_stats_step()
+        empirical = self.schedule["fisher"] == "empirical" and self.is_stats_step()
         return empirical or super().wants_output_grads()
 
     def backward(self, loss: Tensor, output: Tensor | None = None) -> None:

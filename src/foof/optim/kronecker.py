@@ -13,7 +13,6 @@ broadcast.
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -113,6 +112,7 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
     """
 
     uses_gradient_factor = False
+    global_options = ("inv_every", "stats_steps", "inv_warmup", "inverse_sharding", "nonfinite")
 
     def __init__(
         self,
@@ -128,6 +128,9 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         inverse_sharding: str = "replicated",
         fused_backward: bool = False,
         inv_warmup: int = 0,
+        param_groups: Iterable[dict[str, Any]] | None = None,
+        fallback: type[torch.optim.Optimizer] | str | None = None,
+        fallback_options: dict[str, Any] | None = None,
         **extra: Any,
     ) -> None:
         check_range("damping", damping, 0.0)
@@ -150,7 +153,7 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
             inverse_sharding=inverse_sharding,
             **extra,
         )
-        super().__init__(model, defaults, fused_backward=fused_backward)
+        super().__init__(model, defaults, fused_backward, param_groups, fallback, fallback_options)
         self.low_rank = bool(low_rank)
         self._step_rows: dict[nn.Module, Tensor | None] = {}
         # Whether the low-rank product was cheaper for some layer when last evaluated (None:
@@ -159,7 +162,6 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         # re-evaluate the shapes.
         self._low_rank_cheaper: bool | None = None
         self._cheaper_this_step: dict[nn.Module, bool] = {}
-        self._model = weakref.ref(model)  # for warm_start(); the optimizer does not own it
         # True while warm_start() runs its forward/backward passes: every pass takes statistics
         self._warming_up = False
 
@@ -167,12 +169,12 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         """Whether the coming (current) step updates the statistics (always during warm start)."""
         if self._warming_up:
             return True
-        group = self.param_groups[0]
+        group = self.schedule
         return is_stats_step(group["step"], group["inv_every"], group["stats_steps"], warmup(group))
 
     def is_inversion_step(self) -> bool:
         """Whether the coming (current) step recomputes the inverses."""
-        group = self.param_groups[0]
+        group = self.schedule
         return is_inversion_step(group["step"], group["inv_every"], warmup(group))
 
     def uses_low_rank(self) -> bool:
@@ -263,11 +265,12 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         if model is None:
             raise RuntimeError("the model this optimizer was built for no longer exists")
         loss_fn = nn.functional.cross_entropy if loss_fn is None else loss_fn
-        group = self.param_groups[0]
+        group = self.schedule
         buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
         was_training = model.training
         used = 0
         self.zero_grad()
+        self.clear_records()
         self._warming_up = True
         try:
             model.train()
@@ -286,10 +289,12 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
                         self.update_statistics(group)
                     used += 1
                 self.zero_grad()
+                self.clear_records()
         finally:
             self._warming_up = False
             self._step_rows = {}
             self.zero_grad()
+            self.clear_records()
             model.train(was_training)
             with torch.no_grad():
                 for name, buffer in model.named_buffers():
@@ -405,7 +410,7 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         active = self.update_statistics(group)
         pending = []
         for name, module, state in active:
-            if not invert and self.has_inverse(state):
+            if not invert and self.has_inverse(state, self.group_of(module.weight)):
                 continue
             missing = [k for k in self.factor_names() if k not in state]
             if missing and not stats_step:
@@ -439,7 +444,6 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         Returns:
             ``(name, module, state)`` of the layers that took part in this step.
         """
-        decay = group["ema_decay"]
         stats_step = self.is_stats_step()
         gradients: dict[nn.Module, Tensor] = {}
         batch_size = 0
@@ -453,6 +457,7 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         if stats_step and not distributed.is_distributed():
             # (1/R) Σ ā āᵀ straight into the EMA, one GEMM per factor (paper App. D.1)
             for _, module, state in active:
+                decay = self.group_of(module.weight)["ema_decay"]
                 dtype = factor_dtype(module.weight)
                 rows = self.layer_rows(module)
                 if rows is not None and rows.shape[0] > 0:  # a layer no row reached: no mean
@@ -467,6 +472,7 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         elif stats_step:
             statistics = self.batch_statistics(active, gradients, batch_size)
             for _, module, state in active:
+                decay = self.group_of(module.weight)["ema_decay"]
                 input_cov, gradient_cov = statistics[module]
                 if input_cov is not None:
                     state["input_covariance"] = update_ema_(
@@ -548,19 +554,19 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         """
         sharded = group.get("inverse_sharding", "replicated") == "sharded"
         if not (sharded and distributed.is_distributed()):
-            for name, _, state in layers:
-                self.invert(name, state, group)
+            for name, module, state in layers:
+                self.invert(name, state, self.group_of(module.weight))
             return
         world, me = distributed.world_size(), distributed.rank()
         index = {module: i for i, module in enumerate(self.layers.values())}
         owners = [index[module] % world for _, module, _ in layers]
-        for (name, _, state), owner in zip(layers, owners):
+        for (name, module, state), owner in zip(layers, owners):
             if owner == me:
-                self.invert(name, state, group)
+                self.invert(name, state, self.group_of(module.weight))
         items = []
-        for (_, _, state), owner in zip(layers, owners):
+        for (_, module, state), owner in zip(layers, owners):
             like = state["input_covariance"]
-            for key, shape in self.inverse_shapes(state, group).items():
+            for key, shape in self.inverse_shapes(state, self.group_of(module.weight)).items():
                 # Same memory layout on every rank (cholesky_inverse and eigh return
                 # column-major results), so the products round alike and replicas stay equal.
                 state[key] = state[key].contiguous() if owner == me else like.new_empty(shape)
@@ -573,8 +579,6 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
             return ("input_covariance", "gradient_covariance")
         return ("input_covariance",)
 
-    def has_inverse(self, state: dict[str, Any]) -> bool:
+    def has_inverse(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
         """Whether ``state`` already holds an inverse (e.g. restored from a checkpoint)."""
-        return all(k in state for k in self.inverse_keys)
-
-    inverse_keys: tuple[str, ...] = ()
+        raise NotImplementedError

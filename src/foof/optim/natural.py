@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -38,8 +39,10 @@ class NaturalGradient(CurvatureOptimizer):
     pass is needed. ``block_diagonal=True`` applies the same per layer (paper Fig. 2B/2C).
 
     Then momentum, decoupled weight decay and ``θ ← θ − lr·D`` as in :class:`foof.FOOF`.
-    Parameters of unsupported layers (BatchNorm, ...) are outside ``F`` and get plain SGD; a
-    model without any supported layer trains with plain SGD, as FOOF and KFAC do.
+    Parameters of unsupported layers (BatchNorm, ...) are outside ``F`` and go to the
+    ``fallback`` optimizer (AdamW by default; ``None``: plain SGD), as in FOOF and KFAC.
+    ``damping``, ``fisher``, ``block_diagonal`` and the Fisher-batch options are optimizer-wide
+    (one solve over all layers); lr, momentum and weight decay may differ per group.
 
     An output ``(B, T, V)`` (per-token loss) has one column of ``G`` per sequence and term, the
     gradient of the sequence's summed ``−log p``, and ``F`` is normalised by the ``B·T`` rows (the
@@ -76,6 +79,9 @@ class NaturalGradient(CurvatureOptimizer):
         nonfinite: ``"skip"`` (default): a step whose loss, gradients or statistics hold a
             NaN/Inf changes nothing (parameters, momentum, statistics, step counter) and warns
             once per cause; ``"raise"``: raise :class:`foof.optim.base.NonFiniteError`.
+        param_groups, fallback, fallback_options: parameter groups with their own options,
+            and the optimizer of the parameters outside every layer (default AdamW, ``None``
+            for plain SGD), as in :class:`~foof.optim.foof.FOOF`.
 
     Example:
         >>> import torch
@@ -90,6 +96,16 @@ class NaturalGradient(CurvatureOptimizer):
     """
 
     factor_keys = ("fisher_inputs", "fisher_output_grads")
+    #: one Fisher batch and one damped solve for all layers: these are the optimizer's
+    global_options = (
+        "damping",
+        "fisher",
+        "block_diagonal",
+        "fisher_batch",
+        "inv_every",
+        "likelihood",
+        "nonfinite",
+    )
 
     def __init__(
         self,
@@ -106,6 +122,9 @@ class NaturalGradient(CurvatureOptimizer):
         seed: int | None = None,
         nonfinite: str = "skip",
         fused_backward: bool = False,
+        param_groups: Iterable[dict[str, Any]] | None = None,
+        fallback: type[torch.optim.Optimizer] | str | None = torch.optim.AdamW,
+        fallback_options: dict[str, Any] | None = None,
     ) -> None:
         check_range("damping", damping, 0.0)
         if not damping > 0:
@@ -126,7 +145,7 @@ class NaturalGradient(CurvatureOptimizer):
             likelihood=likelihood,
             nonfinite=nonfinite,
         )
-        super().__init__(model, defaults, fused_backward=fused_backward)
+        super().__init__(model, defaults, fused_backward, param_groups, fallback, fallback_options)
         self.sampler = FisherSampler(fisher, likelihood, seed, owner=type(self).__name__)
         self._directions: dict[nn.Module, Tensor] = {}
 
@@ -136,7 +155,7 @@ class NaturalGradient(CurvatureOptimizer):
         Every ``inv_every`` steps, and whenever a layer has none stored (it was unfrozen since
         the last refresh).
         """
-        group = self.param_groups[0]
+        group = self.schedule
         if group["step"] % group["inv_every"] == 0:
             return True
         return any("fisher_inputs" not in state for _, _, state in self.layer_items())
@@ -147,7 +166,7 @@ class NaturalGradient(CurvatureOptimizer):
 
     def wants_outputs(self) -> bool:
         """Keep layer outputs for the Fisher backward (mc/full) on refresh steps."""
-        return self.param_groups[0]["fisher"] != "empirical" and self.is_refresh_step()
+        return self.schedule["fisher"] != "empirical" and self.is_refresh_step()
 
     def wants_output_grads(self) -> bool:
         """Record the loss's output gradients: the empirical Fisher, and ``∇L = EᵀA``."""

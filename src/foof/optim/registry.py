@@ -18,6 +18,10 @@ def build_optimizer(name: str, model: nn.Module, **hyperparameters: Any) -> torc
         model: the network to train; curvature methods hook into its layers.
         **hyperparameters: keyword arguments of that optimizer (``lr``, ``damping``,
             ``momentum``, ...). ``None`` values are dropped so callers can pass CLI defaults.
+            For FOOF, KFAC and the natural gradient ``fallback`` defaults to ``"none"`` here
+            (not to the classes' AdamW): the paper's protocols (``foof train``, the figures,
+            the benchmarks) give parameters outside every layer plain SGD, and keep their
+            numbers; pass ``fallback="adamw"`` and ``fallback_options`` to change it.
 
     Returns:
         A ``torch.optim.Optimizer``.
@@ -38,6 +42,8 @@ def build_optimizer(name: str, model: nn.Module, **hyperparameters: Any) -> torc
         kwargs.pop("damping", None)
         kwargs.pop("momentum", None)
         return torch.optim.Adam(model.parameters(), **kwargs)
+    if name in ("foof", "kfac", "natural"):
+        kwargs.setdefault("fallback", "none")
     if name == "foof":
         return FOOF(model, **kwargs)
     if name == "kfac":
