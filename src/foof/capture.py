@@ -11,6 +11,13 @@ Conventions:
       ``nn.Conv2d`` the input is unfolded into patches (Grosse & Martens, 2016), so a row is one
       (sample, output position) pair: ``A`` has shape ``(N * H_out * W_out, C_in * kh * kw)``
       and ``E`` has shape ``(N * H_out * W_out, C_out)``.
+    * Weight sharing (Eschenhagen et al., NeurIPS 2023). A layer applied at several positions
+      of a sample (``nn.Linear`` on ``(N, ..., d)``, a convolution's patches) has two
+      Kronecker-factored approximations, chosen by ``kfac_approx``: ``"expand"`` (the default)
+      treats every position as a row, as above; ``"reduce"`` first averages the inputs of each
+      sample over its positions (and sums the output gradients over them, see
+      :func:`output_rows`), so there is one row per sample. They agree when every sample has one
+      position.
     * Bias. A layer with a bias gets a constant 1 appended to each input row (``ā`` in the paper),
       so the weight and the bias are preconditioned jointly as one matrix ``[W, b]``.
     * When. Hooks record only when the module is in training mode *and* autograd is enabled;
@@ -34,6 +41,9 @@ from torch import Tensor, nn
 
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 
+KFAC_APPROXIMATIONS = ("expand", "reduce")
+"""Weight-sharing flavours of the Kronecker factors (Eschenhagen et al., NeurIPS 2023, Sec. 3)."""
+
 
 def is_supported(module: nn.Module) -> bool:
     """Whether foof preconditions ``module``: ``nn.Linear`` or an ungrouped ``nn.Conv2d``."""
@@ -42,19 +52,26 @@ def is_supported(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
-def input_rows(module: nn.Module, inputs: Tensor) -> Tensor:
+def input_rows(module: nn.Module, inputs: Tensor, kfac_approx: str = "expand") -> Tensor:
     """Turn a layer's input into the rows ``ā`` of the paper, bias column included.
 
     Args:
         module: an ``nn.Linear`` or ``nn.Conv2d`` (``groups=1``).
         inputs: the tensor the layer was called with, ``(..., in_features)`` for Linear,
             ``(N, C_in, H, W)`` for Conv2d.
+        kfac_approx: ``"expand"``: one row per sample and position; ``"reduce"``: one row per
+            sample, the mean over its positions, ``ā_n = (1/P) Σ_p ā_{n,p}`` (KFAC-reduce,
+            Eschenhagen et al., 2023, eq. 11). A Linear input ``(N, ..., d)`` has
+            ``P = Π(...)`` positions per sample (the leading dim is the sample), a Conv2d's
+            ``P = H_out·W_out``.
 
     Returns:
         ``(rows, in_dim)`` with ``in_dim = in_features (+1)`` for Linear and
         ``C_in * kh * kw (+1)`` for Conv2d; the trailing column of ones is present iff the
-        layer has a bias. Column order matches ``weight.flatten(1)``.
+        layer has a bias. Column order matches ``weight.flatten(1)``. ``rows`` is ``N·P``
+        (expand) or ``N`` (reduce).
     """
+    reduce = kfac_approx == "reduce"
     if isinstance(module, nn.Conv2d):
         if any(module._reversed_padding_repeated_twice):
             # F.pad handles every padding_mode and the string paddings ("same") alike.
@@ -63,7 +80,12 @@ def input_rows(module: nn.Module, inputs: Tensor) -> Tensor:
         patches = F.unfold(
             inputs, module.kernel_size, dilation=module.dilation, stride=module.stride
         )  # (N, C_in*kh*kw, L)
-        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        if reduce:
+            rows = patches.mean(2)
+        else:
+            rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    elif reduce and inputs.dim() > 2:
+        rows = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1]).mean(1)
     else:
         rows = inputs.reshape(-1, inputs.shape[-1])
     if module.bias is not None:
@@ -76,10 +98,19 @@ def layer_in_dim(module: nn.Module) -> int:
     return module.weight[0].numel() + (module.bias is not None)
 
 
-def output_rows(module: nn.Module, output_grads: Tensor) -> Tensor:
-    """Reshape gradients w.r.t. a layer's output into rows ``(rows, out_dim)`` matching ``A``."""
+def output_rows(module: nn.Module, output_grads: Tensor, kfac_approx: str = "expand") -> Tensor:
+    """Reshape gradients w.r.t. a layer's output into rows ``(rows, out_dim)`` matching ``A``.
+
+    With ``kfac_approx="reduce"`` the rows of a sample are summed over its positions,
+    ``ê_n = Σ_p e_{n,p}``, one row per sample (KFAC-reduce's gradient side, Eschenhagen et al.,
+    2023, eq. 11; the inputs are averaged, see :func:`input_rows`).
+    """
     if isinstance(module, nn.Conv2d):
+        if kfac_approx == "reduce":
+            return output_grads.flatten(2).sum(2)
         return output_grads.flatten(2).transpose(1, 2).reshape(-1, output_grads.shape[1])
+    if kfac_approx == "reduce" and output_grads.dim() > 2:
+        return output_grads.reshape(output_grads.shape[0], -1, output_grads.shape[-1]).sum(1)
     return output_grads.reshape(-1, output_grads.shape[-1])
 
 
@@ -241,25 +272,28 @@ class Capture:
                 record.outputs.clear()
         return taken
 
-    def inputs(self, module: nn.Module) -> Tensor | None:
-        """All recorded input rows ``A`` of ``module``: ``(rows, in_dim)``, or None if none."""
+    def inputs(self, module: nn.Module, kfac_approx: str = "expand") -> Tensor | None:
+        """All recorded input rows ``A`` of ``module``: ``(rows, in_dim)``, or None if none.
+
+        ``kfac_approx`` as in :func:`input_rows` (``"reduce"``: one mean row per sample).
+        """
         parts = self.records[module].inputs
         if not parts:
             return None
-        rows = [input_rows(module, x) for x in parts]
+        rows = [input_rows(module, x, kfac_approx) for x in parts]
         return rows[0] if len(rows) == 1 else torch.cat(rows)
 
-    def output_grads(self, module: nn.Module) -> Tensor | None:
+    def output_grads(self, module: nn.Module, kfac_approx: str = "expand") -> Tensor | None:
         """All recorded output-gradient rows ``E`` of ``module``: ``(rows, out_dim)``, or None.
 
         In forward-call order, so that they line up with :meth:`inputs` when every recorded
-        call was backpropagated once.
+        call was backpropagated once. ``kfac_approx`` as in :func:`output_rows`.
         """
         record = self.records[module]
         if not record.output_grads:
             return None
         order = sorted(range(len(record.output_grads)), key=record.output_grad_calls.__getitem__)
-        rows = [output_rows(module, record.output_grads[i]) for i in order]
+        rows = [output_rows(module, record.output_grads[i], kfac_approx) for i in order]
         return rows[0] if len(rows) == 1 else torch.cat(rows)
 
     def calls_pair_up(self, module: nn.Module) -> bool:

@@ -136,7 +136,7 @@ class LMConfig:
     layers: int = 4
     heads: int = 4
     context: int = 128
-    batch_size: int = 16
+    batch_size: int = 8
     steps: int = 300
     warmup: int = 30
     eval_every: int = 25
@@ -390,6 +390,7 @@ def run_lm(
         run.trainer.close()
     results = summarize(config, runs, split, skipped)
     results["total_seconds"] = time.perf_counter() - started
+    results = _jsonable(results)
     if out is not None:
         write_lm_report(results, Path(out))
     return results
@@ -495,7 +496,7 @@ def plot_lm(results: dict[str, Any], path: Path) -> bool:
         entry = results["methods"][run["method"]]
         if run["lr"] != entry["best_lr"]:
             continue
-        points = [p for p in run["curve"] if isinstance(p["val_loss"], float)]
+        points = [p for p in run["curve"] if _finite(p["val_loss"])]
         colour = colours.setdefault(run["method"], f"C{len(colours)}")
         label = f"{run['method']} lr={run['lr']:g}" if run["seed"] == results["config"][
             "seeds"][0] else None
@@ -561,3 +562,7 @@ def render_lm(results: dict[str, Any], plotted: bool = True) -> str:
 
 def _loss(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) and math.isfinite(value) else "diverged"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, float) and math.isfinite(value)

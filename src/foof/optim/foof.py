@@ -7,8 +7,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from foof.capture import KFAC_APPROXIMATIONS
 from foof.curvature.linalg import damped_cholesky, damped_inverse
 from foof.optim.kronecker import KroneckerFactoredOptimizer, is_inversion_step, is_stats_step
+from foof.validation import check_choice
 
 __all__ = ["FOOF", "is_inversion_step", "is_stats_step"]
 
@@ -82,6 +84,11 @@ class FOOF(KroneckerFactoredOptimizer):
         nonfinite: ``"skip"`` (default): a step whose loss, gradients or statistics hold a
             NaN/Inf changes nothing (parameters, momentum, statistics, step counter) and warns
             once per cause; ``"raise"``: raise :class:`foof.optim.base.NonFiniteError`.
+        kfac_approx: weight sharing (a Linear on ``(B, T, d)``, a convolution's positions):
+            ``"expand"`` (default) takes ``Σ_l`` over every position's row; ``"reduce"`` over
+            one row per sample, the mean of its positions' ``ā``,
+            ``Σ_l = (1/B) Σ_n ā_n ā_nᵀ`` (Eschenhagen et al., NeurIPS 2023; see
+            :func:`foof.capture.input_rows`). The gradient ``Ĝ_l`` is the same either way.
 
     Example:
         >>> import torch
@@ -117,7 +124,9 @@ class FOOF(KroneckerFactoredOptimizer):
         inverse_sharding: str = "replicated",
         fused_backward: bool = False,
         inv_warmup: int = 0,
+        kfac_approx: str = "expand",
     ) -> None:
+        check_choice("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)
         super().__init__(
             model,
             lr,
@@ -132,6 +141,7 @@ class FOOF(KroneckerFactoredOptimizer):
             fused_backward,
             inv_warmup,
             nonfinite=nonfinite,
+            kfac_approx=kfac_approx,
         )
 
     @staticmethod

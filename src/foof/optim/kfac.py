@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from foof.capture import KFAC_APPROXIMATIONS
 from foof.curvature.kronecker import (
     eigendecomposition,
     heuristic_inverses,
@@ -101,6 +102,12 @@ class KFAC(KroneckerFactoredOptimizer):
         nonfinite: ``"skip"`` (default): a step whose loss, gradients or statistics hold a
             NaN/Inf changes nothing (parameters, momentum, statistics, step counter) and warns
             once per cause; ``"raise"``: raise :class:`foof.optim.base.NonFiniteError`.
+        kfac_approx: weight sharing (Eschenhagen et al., NeurIPS 2023): ``"expand"`` (default,
+            every position a row, as above); ``"reduce"``: per sample ``n`` with ``P``
+            positions, ``Ā = (1/B) Σ_n ā_n ā_nᵀ`` with ``ā_n = (1/P) Σ_p ā_{n,p}`` and
+            ``Ḡ = (1/(B·P)) Σ_k Σ_n ê_n ê_nᵀ`` with ``ê_n = Σ_p e_{n,p}``, so ``Ā ⊗ Ḡ`` keeps
+            the Fisher's per-row normalisation. Exact (for the layer's Fisher block) when a
+            sample's inputs are the same at all its positions.
 
     Example:
         >>> import torch
@@ -141,8 +148,10 @@ class KFAC(KroneckerFactoredOptimizer):
         inverse_sharding: str = "replicated",
         fused_backward: bool = False,
         inv_warmup: int = 0,
+        kfac_approx: str = "expand",
     ) -> None:
         check_choice("damping_mode", damping_mode, DAMPING_MODES)
+        check_choice("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)
         check_choice("fisher", fisher, FISHER_TYPES)
         check_choice("likelihood", likelihood, LIKELIHOODS)
         if damping_mode == "standard" and not damping > 0:
@@ -167,8 +176,11 @@ class KFAC(KroneckerFactoredOptimizer):
             likelihood=likelihood,
             second_factor=second_factor,
             nonfinite=nonfinite,
+            kfac_approx=kfac_approx,
         )
-        self.sampler = FisherSampler(fisher, likelihood, seed, owner=type(self).__name__)
+        self.sampler = FisherSampler(
+            fisher, likelihood, seed, owner=type(self).__name__, kfac_approx=kfac_approx
+        )
 
     factor_keys = (
         "input_covariance",

@@ -356,6 +356,17 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         """Whether the product also multiplies ``Ĝ`` from the left (KFAC's ``Ḡ⁻¹``)."""
         return False
 
+    def statistic_rows(self, module: nn.Module) -> Tensor | None:
+        """The rows ``Ā``/``Σ`` is the mean outer product of, by the group's ``kfac_approx``.
+
+        ``"expand"``: this step's :meth:`layer_rows` (one per sample and position, also those of
+        the low-rank product); ``"reduce"``: one row per sample, the mean over its positions
+        (:func:`foof.capture.input_rows`).
+        """
+        if self.param_groups[0].get("kfac_approx", "expand") == "reduce":
+            return self.capture.inputs(module, kfac_approx="reduce")
+        return self.layer_rows(module)
+
     def precondition_rows(
         self, module: nn.Module, output_grads: Tensor, rows: Tensor, group: dict[str, Any]
     ) -> Tensor | None:
@@ -454,7 +465,7 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
             # (1/R) Σ ā āᵀ straight into the EMA, one GEMM per factor (paper App. D.1)
             for _, module, state in active:
                 dtype = factor_dtype(module.weight)
-                rows = self.layer_rows(module)
+                rows = self.statistic_rows(module)
                 if rows is not None and rows.shape[0] > 0:  # a layer no row reached: no mean
                     state["input_covariance"] = update_second_moment_ema_(
                         state.get("input_covariance"), rows.to(dtype), rows.shape[0], decay
@@ -502,7 +513,7 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
             weight = module.weight
             dtype = factor_dtype(weight)
             in_dim = layer_in_dim(module)
-            rows = self.layer_rows(module)
+            rows = self.statistic_rows(module)
             if rows is None:
                 input_sum = weight.new_zeros(in_dim, in_dim, dtype=dtype)
                 input_count = 0
