@@ -21,7 +21,13 @@ from tests.reference import (
     layer_inputs,
     layer_output_gradients,
 )
-from tests.test_sequence_outputs import BATCH, LENGTH, per_token_step, sequence_batch, sequence_model
+from tests.test_sequence_outputs import (
+    BATCH,
+    LENGTH,
+    per_token_step,
+    sequence_batch,
+    sequence_model,
+)
 
 TOL = dict(rtol=1e-8, atol=1e-12)
 
@@ -97,7 +103,12 @@ def test_kfac_factors_and_update_on_a_sequence_model_are_the_dense_formula(kfac_
     grads = gradient_matrices(model, lambda out, t: convention_loss(out, t, "categorical"), x, y)
     before = {m: m.weight.detach().clone() for m in input_cov}
     opt = KFAC(
-        model, lr=lr, damping=damping, fisher=fisher, ema_decay=0.0, seed=5,
+        model,
+        lr=lr,
+        damping=damping,
+        fisher=fisher,
+        ema_decay=0.0,
+        seed=5,
         kfac_approx=kfac_approx,
     )
     with warnings.catch_warnings():

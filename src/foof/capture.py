@@ -93,6 +93,48 @@ def input_rows(module: nn.Module, inputs: Tensor, kfac_approx: str = "expand") -
     return rows
 
 
+def check_capturable(model: nn.Module) -> None:
+    """Refuse, with the alternative, a model whose layers the hooks cannot see or split.
+
+    * ``nn.MultiheadAttention`` (also inside ``nn.TransformerEncoderLayer`` and friends) passes
+      ``in_proj_weight`` and ``out_proj.weight`` to ``F.multi_head_attention_forward`` without
+      calling a submodule, so no forward hook ever sees its projections' inputs (and its
+      ``out_proj``, an ``nn.Linear`` subclass, would look supported yet never record). Write
+      the attention with ``nn.Linear`` projections and ``F.scaled_dot_product_attention``, as
+      nanoGPT does (README, "Transformers"); those projections are then ordinary blocks.
+    * Tied weights. A Parameter shared by an ``nn.Embedding`` (or any unsupported module) and a
+      supported layer is preconditioned by that layer's block, with the sum of the gradients
+      of all its uses (the usual tied embedding/head: the head's block). One Parameter held by
+      two supported layers would be updated by both blocks: refused.
+
+    Raises:
+        ValueError: naming the module and what to do instead.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            raise ValueError(
+                f"module {name!r} is an nn.MultiheadAttention: it applies its input and output "
+                "projections through F.multi_head_attention_forward on bare Parameters, which "
+                "no hook can capture, so foof cannot precondition them. Write the attention "
+                "with nn.Linear projections (qkv = nn.Linear(d, 3 * d), proj = nn.Linear(d, d)) "
+                "and F.scaled_dot_product_attention, as nanoGPT does; see the README section "
+                "'Transformers'"
+            )
+    owners: dict[int, str] = {}
+    for name, module in model.named_modules():
+        if not is_supported(module):
+            continue
+        for param in module.parameters(recurse=False):
+            if id(param) in owners:
+                raise ValueError(
+                    f"layers {owners[id(param)]!r} and {name!r} share one Parameter; each "
+                    "curvature block would update it. foof preconditions a tied weight by the "
+                    "block of the one supported layer that holds it (e.g. a head tied to an "
+                    "nn.Embedding); tie at most one supported layer to it"
+                )
+            owners[id(param)] = name
+
+
 def layer_in_dim(module: nn.Module) -> int:
     """Columns of the layer's rows ``ā``: ``in_features`` or ``C_in·kh·kw``, plus 1 for a bias."""
     return module.weight[0].numel() + (module.bias is not None)
@@ -184,6 +226,7 @@ class Capture:
         record_output_grads: Callable[[], bool] = lambda: True,
         training_only: bool = True,
     ) -> None:
+        check_capturable(model)
         self.layers: dict[str, nn.Module] = {
             name: module for name, module in model.named_modules() if is_supported(module)
         }

@@ -76,7 +76,11 @@ class GPT(nn.Module):
     """
 
     def __init__(
-        self, vocab: int = VOCAB_SIZE, width: int = 128, layers: int = 4, heads: int = 4,
+        self,
+        vocab: int = VOCAB_SIZE,
+        width: int = 128,
+        layers: int = 4,
+        heads: int = 4,
         context: int = 128,
     ) -> None:
         super().__init__()
@@ -161,8 +165,17 @@ class LMConfig:
 def quick_lm_config(**overrides: Any) -> LMConfig:
     """The CI mode: a 2-layer width-32 model on a 200 kB slice, 12 steps, one lr, one seed."""
     config = LMConfig(
-        width=32, layers=2, heads=2, context=32, batch_size=4, steps=12, warmup=2,
-        eval_every=6, eval_batches=2, seeds=(0,), max_bytes=200_000,
+        width=32,
+        layers=2,
+        heads=2,
+        context=32,
+        batch_size=4,
+        steps=12,
+        warmup=2,
+        eval_every=6,
+        eval_batches=2,
+        seeds=(0,),
+        max_bytes=200_000,
         methods=("adamw", "muon", "foof", "kfac"),
         lr_grid={"adamw": (3e-3,), "muon": (0.02,), "foof": (0.1,), "kfac": (0.1,)},
     )
@@ -360,8 +373,14 @@ def run_lm(
                 torch.manual_seed(seed)
                 model = GPT(VOCAB_SIZE, config.width, config.layers, config.heads, config.context)
                 runs.append(
-                    Run(method, lr, seed, model, build_trainer(method, model, lr),
-                        torch.Generator().manual_seed(seed))
+                    Run(
+                        method,
+                        lr,
+                        seed,
+                        model,
+                        build_trainer(method, model, lr),
+                        torch.Generator().manual_seed(seed),
+                    )
                 )
     say(f"{len(runs)} runs of {config.steps} steps, interleaved")
     started = time.perf_counter()
@@ -419,11 +438,10 @@ def summarize(
             "final_val_loss": grid[best],
             "seconds_per_step": sum(
                 r.seconds / config.steps for r in runs if r.method == method and r.lr == best
-            ) / len(config.seeds),
+            )
+            / len(config.seeds),
         }
-    best_runs = {
-        (r.method, r.seed): r for r in runs if r.lr == by_method[r.method]["best_lr"]
-    }
+    best_runs = {(r.method, r.seed): r for r in runs if r.lr == by_method[r.method]["best_lr"]}
     for method, entry in by_method.items():
         ratios, times = [], []
         for seed in config.seeds:
@@ -438,19 +456,30 @@ def summarize(
         known = [r for r in ratios if r is not None]
         entry["time_to_adamw"] = times
         entry["ratio_to_adamw"] = ratios
-        entry["mean_ratio"] = sum(known) / len(known) if len(known) == len(ratios) and known else None
+        entry["mean_ratio"] = (
+            sum(known) / len(known) if len(known) == len(ratios) and known else None
+        )
     return {
         "config": _jsonable(asdict(config)),
         "parameters": parameter_count(config),
         "corpus": {
-            "path": split.path, "train_bytes": len(split.train), "val_bytes": len(split.val),
-            "train_files": split.train_files, "val_files": split.val_files,
+            "path": split.path,
+            "train_bytes": len(split.train),
+            "val_bytes": len(split.val),
+            "train_files": split.train_files,
+            "val_files": split.val_files,
         },
         "skipped": skipped,
         "methods": by_method,
         "runs": [
-            {"method": r.method, "lr": r.lr, "seed": r.seed, "seconds": r.seconds,
-             "diverged": r.diverged, "curve": r.curve}
+            {
+                "method": r.method,
+                "lr": r.lr,
+                "seed": r.seed,
+                "seconds": r.seconds,
+                "diverged": r.diverged,
+                "curve": r.curve,
+            }
             for r in runs
         ],
         "machine": _jsonable(machine_notes(torch.device("cpu"))),
@@ -498,12 +527,15 @@ def plot_lm(results: dict[str, Any], path: Path) -> bool:
             continue
         points = [p for p in run["curve"] if _finite(p["val_loss"])]
         colour = colours.setdefault(run["method"], f"C{len(colours)}")
-        label = f"{run['method']} lr={run['lr']:g}" if run["seed"] == results["config"][
-            "seeds"][0] else None
-        by_step.plot([p["step"] for p in points], [p["val_loss"] for p in points],
-                     color=colour, label=label)
-        by_time.plot([p["seconds"] for p in points], [p["val_loss"] for p in points],
-                     color=colour)
+        label = (
+            f"{run['method']} lr={run['lr']:g}"
+            if run["seed"] == results["config"]["seeds"][0]
+            else None
+        )
+        by_step.plot(
+            [p["step"] for p in points], [p["val_loss"] for p in points], color=colour, label=label
+        )
+        by_time.plot([p["seconds"] for p in points], [p["val_loss"] for p in points], color=colour)
     by_step.set(xlabel="step", ylabel="validation loss (nats/byte)")
     by_time.set(xlabel="training seconds (interleaved run)", ylabel="validation loss")
     by_step.legend()
