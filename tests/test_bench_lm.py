@@ -1,4 +1,4 @@
-"""``foof bench --suite lm``: the corpus loader and the quick mode end to end (no timing asserts)."""
+"""``foof bench --suite lm``: the corpus loader and the quick mode end to end (no timings)."""
 
 import gzip
 

@@ -192,10 +192,10 @@ def _run_lm(args: argparse.Namespace, log: Callable[[str], None]) -> int:
         results = run_lm(replace(config, **changes), args.out, log=log)
     except FileNotFoundError as error:
         raise SystemExit(f"foof bench: {error}") from error
-    adamw = results["methods"].get("adamw", {})
+    final = results["methods"].get("adamw", {}).get("final_val_loss", float("nan"))
     print(
-        f"foof bench: lm suite, AdamW final val loss {adamw.get('final_val_loss', float('nan')):.3f}"
-        f" | {results['total_seconds']:.0f} s | report -> {args.out / 'lm-cpu.md'}"
+        f"foof bench: lm suite, AdamW final val loss {final:.3f} | "
+        f"{results['total_seconds']:.0f} s | report -> {args.out / 'lm-cpu.md'}"
     )
     return 0
 

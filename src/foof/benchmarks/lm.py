@@ -510,8 +510,11 @@ def write_lm_report(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
 
 
 def plot_lm(results: dict[str, Any], path: Path) -> bool:
-    """Validation loss vs steps and vs seconds, best lr per method, every seed; False if no
-    matplotlib."""
+    """Validation loss vs steps and vs seconds at each method's best lr, every seed.
+
+    Returns:
+        False (and no file) without matplotlib.
+    """
     try:
         import matplotlib
 
@@ -569,7 +572,7 @@ def render_lm(results: dict[str, Any], plotted: bool = True) -> str:
         "time to AdamW's final loss / AdamW's time |",
         "|---|---|---|---|---|---|",
     ]
-    for method, entry in results["methods"].items():
+    for entry in results["methods"].values():
         grid = ", ".join(f"{float(lr):g}: {_loss(v)}" for lr, v in entry["lr_grid"].items())
         ratios = entry["ratio_to_adamw"]
         ratio = "not reached" if entry["mean_ratio"] is None else f"{entry['mean_ratio']:.2f}x"
