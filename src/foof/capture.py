@@ -52,6 +52,75 @@ def is_supported(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
+def is_block(module: nn.Module) -> bool:
+    """The layers of FOOF and KFAC: :func:`is_supported`'s, and a dense ``nn.Embedding``.
+
+    An embedding is a Linear layer on one-hot inputs, ``out = Wᵀ onehot(t)`` with ``Wᵀ``
+    ``(embedding_dim, num_embeddings)``, so its input second moment is *diagonal*, the token
+    frequencies ``Σ = diag(c_v / R)`` over the ``R`` looked-up tokens: exact and ``O(R)`` to
+    build, ``O(V)`` to invert. ``sparse=True`` embeddings (sparse gradients) are left out.
+    """
+    if isinstance(module, nn.Embedding):
+        return not module.sparse
+    return is_supported(module)
+
+
+def block_layers(
+    model: nn.Module, supported: Callable[[nn.Module], bool] = is_supported
+) -> dict[str, nn.Module]:
+    """The layers a method preconditions, by qualified name, after the tied-weight rule.
+
+    An ``nn.Embedding`` whose weight another supported layer also holds (a head tied to the
+    embedding) is not a block of its own: the weight is preconditioned by the other layer's
+    block with the gradient of both uses (see :func:`check_capturable`).
+    """
+    layers = {name: m for name, m in model.named_modules() if supported(m)}
+    held = {id(m.weight) for m in layers.values() if not isinstance(m, nn.Embedding)}
+    return {
+        name: m
+        for name, m in layers.items()
+        if not (isinstance(m, nn.Embedding) and id(m.weight) in held)
+    }
+
+
+def layer_bias(module: nn.Module) -> nn.Parameter | None:
+    """The layer's bias, None without one (an ``nn.Embedding`` has no bias attribute)."""
+    return getattr(module, "bias", None)
+
+
+def layer_out_dim(module: nn.Module) -> int:
+    """Columns of the layer's output rows ``E``: ``out_features``, ``C_out`` or ``embedding_dim``."""
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim
+    return module.weight.shape[0]
+
+
+def weight_layout(module: nn.Module, direction: Tensor) -> tuple[list, Tensor]:
+    """The parameters a layer's direction ``(out, in_dim)`` updates, and it in their layout.
+
+    ``[W, b]`` and the joint matrix for Linear/Conv2d; ``[W]`` and ``directionᵀ``
+    ``(num_embeddings, embedding_dim)`` for an embedding, whose weight is ``Wᵀ`` of the
+    Linear convention.
+    """
+    if isinstance(module, nn.Embedding):
+        return [module.weight], direction.T
+    return [module.weight, layer_bias(module)], direction
+
+
+def token_frequencies(module: nn.Embedding, inputs: list[Tensor]) -> tuple[Tensor, int]:
+    """An embedding's diagonal input second moment: ``(c_v / R)_v`` and the ``R`` tokens.
+
+    ``Σ = (1/R) Σ_r onehot(t_r) onehot(t_r)ᵀ = diag(c / R)`` with ``c_v`` the count of token ``v``
+    among the ``R`` looked-up ids (``torch.bincount``): FOOF's ``Σ`` and KFAC's ``Ā`` exactly.
+    """
+    tokens = torch.cat([x.reshape(-1) for x in inputs])
+    counts = torch.bincount(tokens, minlength=module.num_embeddings)
+    rows = tokens.numel()
+    # float32 at least (float64 for a float64 model), as every factor
+    dtype = torch.promote_types(module.weight.dtype, torch.float32)
+    return counts.to(dtype) / max(rows, 1), rows
+
+
 def input_rows(module: nn.Module, inputs: Tensor, kfac_approx: str = "expand") -> Tensor:
     """Turn a layer's input into the rows ``ā`` of the paper, bias column included.
 
@@ -72,6 +141,8 @@ def input_rows(module: nn.Module, inputs: Tensor, kfac_approx: str = "expand") -
         (expand) or ``N`` (reduce).
     """
     reduce = kfac_approx == "reduce"
+    if isinstance(module, nn.Embedding):  # one-hot rows; the optimizers use token_frequencies
+        return F.one_hot(inputs.reshape(-1), module.num_embeddings).to(module.weight.dtype)
     if isinstance(module, nn.Conv2d):
         if any(module._reversed_padding_repeated_twice):
             # F.pad handles every padding_mode and the string paddings ("same") alike.
@@ -93,7 +164,9 @@ def input_rows(module: nn.Module, inputs: Tensor, kfac_approx: str = "expand") -
     return rows
 
 
-def check_capturable(model: nn.Module) -> None:
+def check_capturable(
+    model: nn.Module, supported: Callable[[nn.Module], bool] = is_supported
+) -> None:
     """Refuse, with the alternative, a model whose layers the hooks cannot see or split.
 
     * ``nn.MultiheadAttention`` (also inside ``nn.TransformerEncoderLayer`` and friends) passes
@@ -104,8 +177,9 @@ def check_capturable(model: nn.Module) -> None:
       nanoGPT does (README, "Transformers"); those projections are then ordinary blocks.
     * Tied weights. A Parameter shared by an ``nn.Embedding`` (or any unsupported module) and a
       supported layer is preconditioned by that layer's block, with the sum of the gradients
-      of all its uses (the usual tied embedding/head: the head's block). One Parameter held by
-      two supported layers would be updated by both blocks: refused.
+      of all its uses (the usual tied embedding/head: the head's block; the embedding is then
+      no block of its own, see :func:`block_layers`). One Parameter held by two other
+      supported layers would be updated by both blocks: refused.
 
     Raises:
         ValueError: naming the module and what to do instead.
@@ -121,9 +195,7 @@ def check_capturable(model: nn.Module) -> None:
                 "'Transformers'"
             )
     owners: dict[int, str] = {}
-    for name, module in model.named_modules():
-        if not is_supported(module):
-            continue
+    for name, module in block_layers(model, supported).items():
         for param in module.parameters(recurse=False):
             if id(param) in owners:
                 raise ValueError(
@@ -136,7 +208,12 @@ def check_capturable(model: nn.Module) -> None:
 
 
 def layer_in_dim(module: nn.Module) -> int:
-    """Columns of the layer's rows ``ā``: ``in_features`` or ``C_in·kh·kw``, plus 1 for a bias."""
+    """Columns of the layer's rows ``ā``: ``in_features`` or ``C_in·kh·kw``, plus 1 for a bias.
+
+    ``num_embeddings`` for an embedding (one-hot rows).
+    """
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings
     return module.weight[0].numel() + (module.bias is not None)
 
 
@@ -151,7 +228,8 @@ def output_rows(module: nn.Module, output_grads: Tensor, kfac_approx: str = "exp
         if kfac_approx == "reduce":
             return output_grads.flatten(2).sum(2)
         return output_grads.flatten(2).transpose(1, 2).reshape(-1, output_grads.shape[1])
-    if kfac_approx == "reduce" and output_grads.dim() > 2:
+    # an embedding's input factor is the diagonal of token frequencies, always expand
+    if kfac_approx == "reduce" and output_grads.dim() > 2 and not isinstance(module, nn.Embedding):
         return output_grads.reshape(output_grads.shape[0], -1, output_grads.shape[-1]).sum(1)
     return output_grads.reshape(-1, output_grads.shape[-1])
 
@@ -209,6 +287,9 @@ class Capture:
         record_output_grads: same, for the gradient w.r.t. the output during backward.
         training_only: record only modules in training mode (optimizers); False records in
             eval mode too (curvature of a trained model, e.g. a Laplace posterior).
+        supported: which modules are hooked (:func:`is_supported`; FOOF and KFAC pass
+            :func:`is_block`, which adds embeddings), after the tied-weight rule of
+            :func:`block_layers`.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -225,11 +306,10 @@ class Capture:
         record_outputs: Callable[[], bool] = lambda: False,
         record_output_grads: Callable[[], bool] = lambda: True,
         training_only: bool = True,
+        supported: Callable[[nn.Module], bool] = is_supported,
     ) -> None:
-        check_capturable(model)
-        self.layers: dict[str, nn.Module] = {
-            name: module for name, module in model.named_modules() if is_supported(module)
-        }
+        check_capturable(model, supported)
+        self.layers: dict[str, nn.Module] = block_layers(model, supported)
         self.records: dict[nn.Module, LayerRecord] = {
             m: LayerRecord() for m in self.layers.values()
         }
@@ -403,17 +483,23 @@ def _remove_handles(handles: list) -> None:
     handles.clear()
 
 
-def unsupported_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+def unsupported_parameters(
+    model: nn.Module, supported: Callable[[nn.Module], bool] = is_supported
+) -> dict[str, nn.Parameter]:
     """Trainable parameters that no supported layer owns, by qualified name."""
-    owned = {id(p) for m in model.modules() if is_supported(m) for p in m.parameters(recurse=False)}
+    owned = {
+        id(p) for m in block_layers(model, supported).values() for p in m.parameters(recurse=False)
+    }
     return {
         name: p for name, p in model.named_parameters() if p.requires_grad and id(p) not in owned
     }
 
 
-def warn_unsupported(model: nn.Module, method: str) -> None:
+def warn_unsupported(
+    model: nn.Module, method: str, supported: Callable[[nn.Module], bool] = is_supported
+) -> None:
     """Warn once, naming them, that some parameters get a plain SGD(+momentum) update."""
-    names = list(unsupported_parameters(model))
+    names = list(unsupported_parameters(model, supported))
     if names:
         warnings.warn(
             f"{method}: {len(names)} parameter(s) belong to layers without curvature support "

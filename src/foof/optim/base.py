@@ -18,7 +18,16 @@ import torch
 from torch import Tensor, nn
 
 from foof import distributed
-from foof.capture import Capture, is_supported, layer_in_dim, warn_unsupported
+from foof.capture import (
+    Capture,
+    block_layers,
+    is_supported,
+    layer_bias,
+    layer_in_dim,
+    layer_out_dim,
+    warn_unsupported,
+    weight_layout,
+)
 from foof.curvature.sampling import FisherSampler
 from foof.optim.fused import WeightGradientSkipper
 from foof.validation import check_choice, check_range
@@ -39,7 +48,8 @@ def gradient_matrix(module: nn.Module, zero_if_missing: bool = False) -> Tensor 
 
     ``in_dim`` is ``in_features`` (Linear) or ``C_in·kh·kw`` (Conv2d), plus one column for the
     bias when the layer has one (a frozen bias contributes a zero column). A layer without a
-    gradient gives None, or zeros with ``zero_if_missing``.
+    gradient gives None, or zeros with ``zero_if_missing``. An ``nn.Embedding`` gives
+    ``weight.grad.T`` ``(embedding_dim, num_embeddings)``: a Linear layer on one-hot inputs.
     """
     weight = module.weight
     if weight.grad is None:
@@ -48,10 +58,13 @@ def gradient_matrix(module: nn.Module, zero_if_missing: bool = False) -> Tensor 
         grad = torch.zeros_like(weight).flatten(1)
     else:
         grad = weight.grad.flatten(1)
-    if module.bias is not None:
-        bias_grad = module.bias.grad
+    if isinstance(module, nn.Embedding):
+        return grad.T
+    bias = layer_bias(module)
+    if bias is not None:
+        bias_grad = bias.grad
         if bias_grad is None:
-            bias_grad = torch.zeros_like(module.bias)
+            bias_grad = torch.zeros_like(bias)
         grad = torch.cat([grad, bias_grad.unsqueeze(1)], dim=1)
     return grad
 
@@ -103,6 +116,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     factor_keys: tuple[str, ...] = ()
     #: the Fisher's extra backward pass, for methods that need one (KFAC, natural gradients).
     sampler: FisherSampler | None = None
+    #: which layers the method preconditions (FOOF and KFAC: :func:`foof.capture.is_block`).
+    supports = staticmethod(is_supported)
 
     def __init__(
         self, model: nn.Module, defaults: dict[str, Any], fused_backward: bool = False
@@ -125,12 +140,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         super().__init__([{"params": params, "step": 0}], defaults)
         self._built = True
         #: every supported layer of the model, trainable or not (see :attr:`layers`).
-        self.model_layers: dict[str, nn.Module] = {
-            name: m for name, m in model.named_modules() if is_supported(m)
-        }
+        self.model_layers: dict[str, nn.Module] = block_layers(model, self.supports)
         owned = {id(p) for m in self.model_layers.values() for p in m.parameters(recurse=False)}
         self.other_params = [p for p in params if id(p) not in owned]
-        warn_unsupported(model, type(self).__name__)
+        warn_unsupported(model, type(self).__name__, self.supports)
         self._warned: set[str] = set()
         #: steps skipped (empty batch, non-finite values) since construction.
         self.skipped_steps = 0
@@ -160,6 +173,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             record_inputs=asks("fuses", "wants_inputs"),
             record_outputs=asks("wants_outputs"),
             record_output_grads=asks("fuses", "wants_output_grads"),
+            supported=self.supports,
         )
         self._skipper = (
             WeightGradientSkipper(
@@ -340,7 +354,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """Each supported layer's gradient-matrix shape ``[out, in_dim]``, by name."""
         signature = {}
         for name, module in self.model_layers.items():
-            signature[name] = [module.weight.shape[0], layer_in_dim(module)]
+            signature[name] = [layer_out_dim(module), layer_in_dim(module)]
         return signature
 
     def _check_compatible(self, state_dict: dict[str, Any]) -> None:
@@ -429,7 +443,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     direction = self.precondition(module, grad, group)
                 else:
                     direction = self.precondition_factors(module, *factors, group)
-                self._apply(state, [module.weight, module.bias], direction, group)
+                self._apply(state, *weight_layout(module, direction), group)
             for param in self.plain_params():
                 if param.grad is not None:
                     self._apply(self.state[param], [param], param.grad, group)
@@ -443,9 +457,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         Those of unsupported layers, and the biases of supported layers whose weight is frozen.
         """
         biases = [
-            m.bias
+            layer_bias(m)
             for m in self.model_layers.values()
-            if not m.weight.requires_grad and m.bias is not None
+            if not m.weight.requires_grad and layer_bias(m) is not None
         ]
         return self.other_params + biases
 
@@ -511,7 +525,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if loss is not None:
             named.append(("the loss", loss.detach()))
         for name, module in self.layers.items():
-            for kind, param in (("weight", module.weight), ("bias", module.bias)):
+            for kind, param in (("weight", module.weight), ("bias", layer_bias(module))):
                 if param is not None and param.grad is not None:
                     named.append((f"the {kind} gradient of layer {name!r}", param.grad))
             for inputs in self.capture.records[module].inputs:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from foof.capture import KFAC_APPROXIMATIONS
-from foof.curvature.linalg import damped_cholesky, damped_inverse
+from foof.curvature.linalg import damped_cholesky, damped_inverse, right_multiply
 from foof.optim.kronecker import KroneckerFactoredOptimizer, is_inversion_step, is_stats_step
 from foof.validation import check_choice
 
@@ -182,8 +182,8 @@ class FOOF(KroneckerFactoredOptimizer):
         cholesky = state.get("cholesky")
         if cholesky is not None:  # P Xᵀ = solve(Σ + λI, Xᵀ); P is symmetric, so (P Xᵀ)ᵀ = X P
             return torch.cholesky_solve(grad.to(cholesky.dtype).T, cholesky).T.to(grad.dtype)
-        inverse = state["inverse"]
-        return (grad.to(inverse.dtype) @ inverse).to(grad.dtype)
+        inverse = state["inverse"]  # (in_dim,) for an embedding's diagonal Σ
+        return right_multiply(grad.to(inverse.dtype), inverse).to(grad.dtype)
 
     def precondition_rows(
         self, module: nn.Module, output_grads: Tensor, rows: Tensor, group: dict[str, Any]

@@ -14,7 +14,7 @@ from foof.curvature.kronecker import (
     pi_factor,
     standard_damped_solve,
 )
-from foof.curvature.linalg import damped_cholesky, damped_inverse
+from foof.curvature.linalg import damped_cholesky, damped_inverse, right_multiply
 from foof.curvature.sampling import FISHER_TYPES, LIKELIHOODS, FisherSampler
 from foof.optim.kronecker import KroneckerFactoredOptimizer
 from foof.validation import check_choice
@@ -340,8 +340,8 @@ class KFAC(KroneckerFactoredOptimizer):
                 if two_sided:
                     g = torch.cholesky_solve(g, state["gradient_cholesky"])
                 direction = torch.cholesky_solve(g.T, state["input_cholesky"]).T
-            elif two_sided:
-                direction = state["gradient_inverse"] @ g @ state["input_inverse"]
+            elif two_sided:  # input_inverse is (in_dim,) for an embedding's diagonal Ā
+                direction = right_multiply(state["gradient_inverse"] @ g, state["input_inverse"])
             else:
-                direction = g @ state["input_inverse"]
+                direction = right_multiply(g, state["input_inverse"])
         return direction.to(grad.dtype)
