@@ -89,7 +89,7 @@ def layer_bias(module: nn.Module) -> nn.Parameter | None:
 
 
 def layer_out_dim(module: nn.Module) -> int:
-    """Columns of the layer's output rows ``E``: ``out_features``, ``C_out`` or ``embedding_dim``."""
+    """Columns of the output rows ``E``: ``out_features``, ``C_out`` or ``embedding_dim``."""
     if isinstance(module, nn.Embedding):
         return module.embedding_dim
     return module.weight.shape[0]
