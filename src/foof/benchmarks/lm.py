@@ -16,8 +16,9 @@ mean over seeds; a method that never reaches it within the budget has no ratio).
 Methods: AdamW; ``torch.optim.Muon`` on the hidden weight matrices with AdamW on the rest (the
 embedding, the head, norms and biases, as Muon's authors do); heavyball's SOAP and PSGD-Kron when
 the ``bench`` extra is installed (run eagerly, ``heavyball.utils.compile_mode = None``: inductor
-would compile for minutes on a small CPU); FOOF and KFAC on every supported layer with AdamW for
-the parameters outside those blocks (:func:`curvature_optimizers`).
+would compile for minutes on a small CPU); FOOF and KFAC on every ``nn.Linear`` (attention
+projections, MLP, head) with AdamW for everything else, the token embedding included
+(:func:`curvature_optimizers`).
 """
 
 from __future__ import annotations
@@ -233,10 +234,12 @@ def curvature_optimizers(
     """FOOF or KFAC on the model's blocks, AdamW (``fallback_lr``) on every other parameter.
 
     The one place the benchmark builds foof's optimizers. Until ``FOOF``/``KFAC`` take
-    ``fallback=`` themselves, the blocks (the supported layers of :func:`foof.capture.is_supported`)
-    are gathered into a container the optimizer is built on, so it owns exactly their
-    parameters, and a separate AdamW takes the rest. With the fallback API this becomes
-    ``[cls(model, lr=lr, fallback=torch.optim.AdamW, fallback_options=...)]``.
+    ``fallback=`` themselves, the blocks (the layers of :func:`foof.capture.is_supported`:
+    Linear and Conv2d) are gathered into a container the optimizer is built on, so it owns
+    exactly their parameters, and a separate AdamW takes the rest. With the fallback API this
+    becomes ``[cls(model, lr=lr, fallback=torch.optim.AdamW, fallback_options=...)]``, which
+    also preconditions the embedding (:func:`foof.capture.is_block`, a diagonal ``Σ``); the
+    committed results (docs/benchmarks/lm-cpu.md) leave it to AdamW.
     """
     from foof import FOOF, KFAC
     from foof.capture import is_supported
