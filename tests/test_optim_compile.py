@@ -67,6 +67,8 @@ OPTIMIZERS = {
         m, lr=0.1, damping=0.1, fisher="full", damping_mode="standard", low_rank=False
     ),
     "natural-mc": lambda m: NaturalGradient(m, lr=0.1, damping=0.1, fisher="mc", seed=0),
+    "foof-reduce": lambda m: FOOF(m, lr=0.1, damping=0.1, kfac_approx="reduce"),
+    "kfac-reduce": lambda m: KFAC(m, lr=0.1, damping=0.1, seed=0, kfac_approx="reduce"),
 }
 
 
@@ -84,3 +86,29 @@ def test_a_compiled_model_trains_as_the_eager_one_without_recompiling(name):
     # compilation per distinct layer shape); later steps reuse them all
     assert frames[0] > 0
     assert frames[-1] == frames[0], frames
+
+
+@pytest.mark.parametrize("name", ["foof", "kfac-mc"])
+def test_bf16_autocast_on_attention_keeps_float32_statistics(name):
+    """Forward under bf16 autocast (the projections run in bf16): factors stay float32."""
+    torch.manual_seed(0)
+    model = TinyGPT()
+    with pytest.warns(UserWarning, match="fallback optimizer AdamW"):
+        opt = OPTIMIZERS[name](model)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        tokens = torch.randint(0, 7, (3, 5), generator=generator)
+        targets = torch.randint(0, 7, (3, 5), generator=generator)
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(tokens)
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        assert model.qkv(torch.zeros(1, 8)).dtype == torch.float32  # autocast has ended
+        opt.backward(loss, logits)
+        opt.step()
+    for _, _, state in opt.layer_items():
+        for key in ("input_covariance", "gradient_covariance"):
+            if key in state:
+                assert state[key].dtype == torch.float32, key
+                assert bool(torch.isfinite(state[key]).all()), key
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

@@ -277,7 +277,8 @@ def test_fallback_none_keeps_one_group_and_the_plain_sgd_rule():
 def test_a_model_without_layers_is_trained_by_the_fallback_alone_as_adamw_would(name):
     def model():
         torch.manual_seed(0)
-        return nn.Sequential(nn.Embedding(5, 3), nn.LayerNorm(3)).double()
+        # no block for any method (an nn.Embedding is a FOOF/KFAC block)
+        return nn.Sequential(nn.LayerNorm(3), nn.Tanh(), nn.LayerNorm(3)).double()
 
     ours, theirs = model(), model()
     with pytest.warns(UserWarning, match="fallback optimizer AdamW"):
@@ -285,7 +286,7 @@ def test_a_model_without_layers_is_trained_by_the_fallback_alone_as_adamw_would(
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["step"] == 0
     adamw = torch.optim.AdamW(theirs.parameters())
     for step in range(3):
-        tokens = torch.randint(0, 5, (6,), generator=torch.Generator().manual_seed(step))
+        tokens = torch.randn(6, 3, generator=torch.Generator().manual_seed(step)).double()
         targets = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(50 + step))
         opt.zero_grad()
         out = ours(tokens)

@@ -37,12 +37,14 @@ def add_commands(subparsers: Any) -> None:
     arg("--quick", action="store_true", help="a few minutes: MLP at batch 100, 20 steps")
     arg(
         "--suite",
-        choices=("default", "wrn", "memory"),
+        choices=("default", "wrn", "memory", "lm"),
         default="default",
         help="wrn: SGD, FOOF and KFAC on the Wide ResNet-18 at batch 100, phase by phase "
         "(foof.benchmarks.conv; --steps per phase, default 3); writes wrn-<device>.md/.json. "
         "memory: resident memory over --steps (default 10,000) training steps per method and "
-        "over 1,000 dropped optimizers (foof.benchmarks.endurance); writes memory-cpu.md/.json",
+        "over 1,000 dropped optimizers (foof.benchmarks.endurance); writes memory-cpu.md/.json. "
+        "lm: a byte-level GPT on the Python docs corpus, AdamW/Muon/SOAP/PSGD-Kron/FOOF/KFAC "
+        "interleaved (foof.benchmarks.lm; --steps, --seeds); writes lm-cpu.md/.json/.png",
     )
     arg(
         "--no-low-rank",
@@ -62,7 +64,8 @@ def add_commands(subparsers: Any) -> None:
     arg("--no-target", action="store_true", help="skip time to target")
     arg("--target-subset", type=_natural, default=None, help="training images; 0 for all")
     arg("--target-epochs", type=_positive, default=None, help="epochs of the reference (Adam)")
-    arg("--data-dir", default=None, help="directory searched first for Fashion-MNIST")
+    arg("--data-dir", default=None, help="directory searched first for the data (else FOOF_DATA)")
+    arg("--seeds", type=_positive, default=None, help="lm suite: number of seeds (default 3)")
     arg(
         "--from-json",
         type=Path,
@@ -128,6 +131,8 @@ def run_command(args: argparse.Namespace) -> int:
 
     if args.suite == "wrn":
         return _run_wrn(args, log)
+    if args.suite == "lm":
+        return _run_lm(args, log)
     if args.suite == "memory":
         from foof.benchmarks.endurance import EnduranceConfig, run_endurance
 
@@ -167,6 +172,31 @@ def _run_wrn(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     path = args.out / f"{name}.md"
     path.write_text(format_wrn(results), encoding="utf-8")
     print(f"foof bench: report -> {path}")
+    return 0
+
+
+def _run_lm(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    from foof.benchmarks.lm import LMConfig, quick_lm_config, run_lm
+
+    config = quick_lm_config() if args.quick else LMConfig()
+    changes: dict[str, Any] = {"data_dir": args.data_dir}
+    if args.steps is not None:
+        changes["steps"] = args.steps
+        changes["warmup"] = max(1, args.steps // 10)
+        changes["eval_every"] = max(1, min(config.eval_every, args.steps // 6))
+    if args.seeds is not None:
+        changes["seeds"] = tuple(range(args.seeds))
+    if args.threads is not None:
+        changes["threads"] = args.threads
+    try:
+        results = run_lm(replace(config, **changes), args.out, log=log)
+    except FileNotFoundError as error:
+        raise SystemExit(f"foof bench: {error}") from error
+    final = results["methods"].get("adamw", {}).get("final_val_loss", float("nan"))
+    print(
+        f"foof bench: lm suite, AdamW final val loss {final:.3f} | "
+        f"{results['total_seconds']:.0f} s | report -> {args.out / 'lm-cpu.md'}"
+    )
     return 0
 
 

@@ -24,7 +24,8 @@ def pi_factor(input_covariance: Tensor, gradient_covariance: Tensor) -> float:
 
     Degenerate factors (a zero trace: dead layer, zero gradient) give ``π = 1``.
     """
-    mean_a = float(input_covariance.diagonal().mean())
+    diagonal = input_covariance if input_covariance.dim() == 1 else input_covariance.diagonal()
+    mean_a = float(diagonal.mean())
     mean_g = float(gradient_covariance.diagonal().mean())
     if not (mean_a > 0 and mean_g > 0):
         return 1.0
@@ -44,7 +45,14 @@ def heuristic_inverses(
 
 
 def eigendecomposition(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (clamped at 0 against round-off) and eigenvectors of a PSD matrix."""
+    """Eigenvalues (clamped at 0 against round-off) and eigenvectors of a PSD matrix.
+
+    A 1-D ``matrix`` is a diagonal: its entries and the identity.
+    """
+    if matrix.dim() == 1:
+        return matrix.clamp_min(0.0), torch.eye(
+            len(matrix), dtype=matrix.dtype, device=matrix.device
+        )
     eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
     return eigenvalues.clamp_min_(0.0), eigenvectors
 

@@ -19,6 +19,8 @@ def damped_cholesky(matrix: Tensor, damping: float) -> Tensor | None:
         matrix: ``(n, n)`` symmetric positive semi-definite.
         damping: ``λ >= 0`` added to the diagonal.
     """
+    if matrix.dim() == 1:  # a diagonal factor: damped_inverse is exact and O(n)
+        return None
     damped = matrix.clone()
     damped.diagonal().add_(damping)
     cholesky, info = torch.linalg.cholesky_ex(damped)
@@ -36,9 +38,17 @@ def damped_inverse(matrix: Tensor, damping: float) -> Tensor:
         matrix: ``(n, n)`` symmetric positive semi-definite.
         damping: ``λ >= 0`` added to the diagonal.
 
+    A 1-D ``matrix`` is a diagonal (an embedding's token frequencies): the result is the 1-D
+    ``1 / (d + λ)``, and 0 where ``d + λ = 0`` (a token never seen with ``λ = 0``, whose gradient
+    row is 0 too: the pseudo-inverse).
+
     Returns:
-        ``(n, n)`` symmetric inverse, same dtype and device as ``matrix``.
+        ``(n, n)`` symmetric inverse, same dtype and device as ``matrix`` (``(n,)`` for a
+        diagonal).
     """
+    if matrix.dim() == 1:
+        damped = matrix + damping
+        return torch.where(damped > 0, 1.0 / damped.clamp_min(torch.finfo(damped.dtype).tiny), 0.0)
     cholesky = damped_cholesky(matrix, damping)
     if cholesky is not None:
         return torch.cholesky_inverse(cholesky)
@@ -92,3 +102,8 @@ def update_second_moment_ema_(
     if average is None:
         return (rows.T @ rows).div_(count)
     return average.addmm_(rows.T, rows, beta=decay, alpha=(1.0 - decay) / count)
+
+
+def right_multiply(matrix: Tensor, factor: Tensor) -> Tensor:
+    """``matrix @ factor``, with a 1-D ``factor`` a diagonal (scales the columns)."""
+    return matrix * factor if factor.dim() == 1 else matrix @ factor

@@ -166,15 +166,18 @@ def sample_output_grads(
     return terms.reshape(-1, *output.shape).to(output.dtype)
 
 
-def empirical_output_grads(capture: Capture, num_rows: int) -> dict[nn.Module, Tensor]:
+def empirical_output_grads(
+    capture: Capture, num_rows: int, kfac_approx: str = "expand"
+) -> dict[nn.Module, Tensor]:
     """``{layer: (1, rows, out)}``: the recorded loss gradients ``E`` times the ``N`` rows.
 
     The loss is a mean over ``N`` output rows, so ``N·E`` is the gradient of each sample's
     summed negative log-likelihood at the dataset labels (not yet scaled by ``1/sqrt(P)``).
+    ``kfac_approx="reduce"`` sums each sample's rows (:func:`foof.capture.output_rows`).
     """
     grads = {}
     for module in capture.layers.values():
-        rows = capture.output_grads(module)
+        rows = capture.output_grads(module, kfac_approx)
         if rows is not None:
             grads[module] = (rows * num_rows).unsqueeze(0)
     return grads
@@ -187,6 +190,7 @@ def layer_output_grads(
     likelihood: str,
     generator: torch.Generator | None = None,
     samples: Tensor | None = None,
+    kfac_approx: str = "expand",
 ) -> dict[nn.Module, Tensor]:
     """Per-layer ``e`` rows for the Fisher estimate ``fisher``, from the captured layers.
 
@@ -205,6 +209,8 @@ def layer_output_grads(
         generator: random generator for ``"mc"``.
         samples: the output gradients ``(K, *output.shape)`` to backpropagate, if already drawn
             (see :func:`sample_output_grads`); by default they are drawn here.
+        kfac_approx: ``"expand"`` (a row per sample and position) or ``"reduce"`` (each
+            sample's rows summed, :func:`foof.capture.output_rows`).
 
     Returns:
         ``{layer: (K, rows, out_dim)}`` for every layer with recorded data, not yet scaled by
@@ -212,7 +218,7 @@ def layer_output_grads(
     """
     if fisher == "empirical":
         batch, positions, _ = output_shape(output)
-        return empirical_output_grads(capture, batch * positions)
+        return empirical_output_grads(capture, batch * positions, kfac_approx)
     taken = capture.take_outputs()
     if not taken:
         return {}
@@ -239,7 +245,7 @@ def layer_output_grads(
         terms = []
         for grads in per_term:
             parts = [
-                output_rows(module, g if g is not None else torch.zeros_like(o))
+                output_rows(module, g if g is not None else torch.zeros_like(o), kfac_approx)
                 for g, o in zip(
                     grads[position : position + calls],
                     outputs[position : position + calls],
@@ -430,9 +436,16 @@ class FisherSampler:
     """
 
     def __init__(
-        self, fisher: str, likelihood: str, seed: int | None = None, owner: str = "optimizer"
+        self,
+        fisher: str,
+        likelihood: str,
+        seed: int | None = None,
+        owner: str = "optimizer",
+        kfac_approx: str = "expand",
     ) -> None:
         self.fisher = fisher
+        #: "expand" or "reduce": the rows of the per-layer ``e`` (see foof.capture.output_rows)
+        self.kfac_approx = kfac_approx
         self.likelihood = likelihood
         self.owner = owner
         self.seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
@@ -491,6 +504,7 @@ class FisherSampler:
                 self.likelihood,
                 self.generator(output.device) if samples is None else None,
                 samples=samples,
+                kfac_approx=self.kfac_approx,
             )
             self._passes.append(grads)
         self._capture = capture
@@ -525,7 +539,7 @@ class FisherSampler:
                 raw = (
                     {}
                     if self._capture is None
-                    else empirical_output_grads(self._capture, self._rows)
+                    else empirical_output_grads(self._capture, self._rows, self.kfac_approx)
                 )
             else:
                 raw = {}

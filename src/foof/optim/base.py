@@ -18,7 +18,15 @@ import torch
 from torch import Tensor, nn
 
 from foof import distributed
-from foof.capture import Capture, is_supported, layer_in_dim
+from foof.capture import (
+    Capture,
+    block_layers,
+    is_supported,
+    layer_bias,
+    layer_in_dim,
+    layer_out_dim,
+    weight_layout,
+)
 from foof.curvature.sampling import FisherSampler
 from foof.optim.fused import WeightGradientSkipper
 from foof.validation import check_choice, check_range
@@ -46,7 +54,8 @@ def gradient_matrix(module: nn.Module, zero_if_missing: bool = False) -> Tensor 
 
     ``in_dim`` is ``in_features`` (Linear) or ``C_in·kh·kw`` (Conv2d), plus one column for the
     bias when the layer has one (a frozen bias contributes a zero column). A layer without a
-    gradient gives None, or zeros with ``zero_if_missing``.
+    gradient gives None, or zeros with ``zero_if_missing``. An ``nn.Embedding`` gives
+    ``weight.grad.T`` ``(embedding_dim, num_embeddings)``: a Linear layer on one-hot inputs.
     """
     weight = module.weight
     if weight.grad is None:
@@ -55,10 +64,13 @@ def gradient_matrix(module: nn.Module, zero_if_missing: bool = False) -> Tensor 
         grad = torch.zeros_like(weight).flatten(1)
     else:
         grad = weight.grad.flatten(1)
-    if module.bias is not None:
-        bias_grad = module.bias.grad
+    if isinstance(module, nn.Embedding):
+        return grad.T
+    bias = layer_bias(module)
+    if bias is not None:
+        bias_grad = bias.grad
         if bias_grad is None:
-            bias_grad = torch.zeros_like(module.bias)
+            bias_grad = torch.zeros_like(bias)
         grad = torch.cat([grad, bias_grad.unsqueeze(1)], dim=1)
     return grad
 
@@ -173,6 +185,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     #: options of the whole optimizer, not of a group (kept in ``param_groups[0]`` with the
     #: step counter; a group given another value is refused).
     global_options: tuple[str, ...] = ("nonfinite",)
+    #: which layers the method preconditions (FOOF and KFAC: :func:`foof.capture.is_block`).
+    supports = staticmethod(is_supported)
 
     def __init__(
         self,
@@ -203,9 +217,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if not any(p.requires_grad for p in params):
             raise ValueError("the model has no trainable parameters")
         #: every supported layer of the model, trainable or not (see :attr:`layers`).
-        self.model_layers: dict[str, nn.Module] = {
-            name: m for name, m in model.named_modules() if is_supported(m)
-        }
+        self.model_layers: dict[str, nn.Module] = block_layers(model, self.supports)
         self._param_names = {id(p): name for name, p in model.named_parameters()}
         owned = {id(p) for m in self.model_layers.values() for p in m.parameters(recurse=False)}
         self._model = weakref.ref(model)  # the optimizer does not own the model
@@ -262,6 +274,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             record_inputs=asks("fuses", "wants_inputs"),
             record_outputs=asks("wants_outputs"),
             record_output_grads=asks("fuses", "wants_output_grads"),
+            supported=self.supports,
         )
         self._skipper = (
             WeightGradientSkipper(
@@ -482,7 +495,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if model is None:
             return None
         for name, module in model.named_modules():
-            if is_supported(module) and module not in self.model_layers.values():
+            if self.supports(module) and module not in self.model_layers.values():
                 if any(p is param for p in module.parameters(recurse=False)):
                     return name
         return None
@@ -671,7 +684,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """Each supported layer's gradient-matrix shape ``[out, in_dim]``, by name."""
         signature = {}
         for name, module in self.model_layers.items():
-            signature[name] = [module.weight.shape[0], layer_in_dim(module)]
+            signature[name] = [layer_out_dim(module), layer_in_dim(module)]
         return signature
 
     def _check_compatible(self, state_dict: dict[str, Any]) -> None:
@@ -791,7 +804,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     direction = self.precondition(module, grad, group)
                 else:
                     direction = self.precondition_factors(module, *factors, group)
-                self._apply(state, [module.weight, module.bias], direction, group)
+                self._apply(state, *weight_layout(module, direction), group)
             for param in self.plain_params():
                 if param.grad is not None:
                     self._apply(self.state[param], [param], param.grad, self.group_of(param))
@@ -808,9 +821,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         and the biases of supported layers whose weight is frozen.
         """
         biases = [
-            m.bias
+            layer_bias(m)
             for m in self.model_layers.values()
-            if not m.weight.requires_grad and m.bias is not None
+            if not m.weight.requires_grad and layer_bias(m) is not None
         ]
         return self.other_params + biases
 
@@ -876,7 +889,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if loss is not None:
             named.append(("the loss", loss.detach()))
         for name, module in self.layers.items():
-            for kind, param in (("weight", module.weight), ("bias", module.bias)):
+            for kind, param in (("weight", module.weight), ("bias", layer_bias(module))):
                 if param is not None and param.grad is not None:
                     named.append((f"the {kind} gradient of layer {name!r}", param.grad))
             for inputs in self.capture.records[module].inputs:

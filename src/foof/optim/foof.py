@@ -8,8 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from foof.curvature.linalg import damped_cholesky, damped_inverse
+from foof.capture import KFAC_APPROXIMATIONS
+from foof.curvature.linalg import damped_cholesky, damped_inverse, right_multiply
 from foof.optim.kronecker import KroneckerFactoredOptimizer, is_inversion_step, is_stats_step
+from foof.validation import check_choice
 
 __all__ = ["FOOF", "is_inversion_step", "is_stats_step"]
 
@@ -97,6 +99,11 @@ class FOOF(KroneckerFactoredOptimizer):
             optimizers route non-matrix parameters.
         fallback_options: keyword arguments of the fallback (its own ``lr``, ``betas``,
             ``weight_decay``; default the fallback's defaults, e.g. AdamW's lr 1e-3).
+        kfac_approx: weight sharing (a Linear on ``(B, T, d)``, a convolution's positions):
+            ``"expand"`` (default) takes ``Σ_l`` over every position's row; ``"reduce"`` over
+            one row per sample, the mean of its positions' ``ā``,
+            ``Σ_l = (1/B) Σ_n ā_n ā_nᵀ`` (Eschenhagen et al., NeurIPS 2023; see
+            :func:`foof.capture.input_rows`). The gradient ``Ĝ_l`` is the same either way.
 
     Example:
         >>> import torch
@@ -134,7 +141,9 @@ class FOOF(KroneckerFactoredOptimizer):
         param_groups: Iterable[dict[str, Any]] | None = None,
         fallback: type[torch.optim.Optimizer] | str | None = torch.optim.AdamW,
         fallback_options: dict[str, Any] | None = None,
+        kfac_approx: str = "expand",
     ) -> None:
+        check_choice("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)
         super().__init__(
             model,
             lr,
@@ -152,6 +161,7 @@ class FOOF(KroneckerFactoredOptimizer):
             fallback,
             fallback_options,
             nonfinite=nonfinite,
+            kfac_approx=kfac_approx,
         )
 
     def solves(self, group: dict[str, Any]) -> bool:
@@ -192,8 +202,8 @@ class FOOF(KroneckerFactoredOptimizer):
         cholesky = state.get("cholesky")
         if cholesky is not None:  # P Xᵀ = solve(Σ + λI, Xᵀ); P is symmetric, so (P Xᵀ)ᵀ = X P
             return torch.cholesky_solve(grad.to(cholesky.dtype).T, cholesky).T.to(grad.dtype)
-        inverse = state["inverse"]
-        return (grad.to(inverse.dtype) @ inverse).to(grad.dtype)
+        inverse = state["inverse"]  # (in_dim,) for an embedding's diagonal Σ
+        return right_multiply(grad.to(inverse.dtype), inverse).to(grad.dtype)
 
     def precondition_rows(
         self, module: nn.Module, output_grads: Tensor, rows: Tensor, group: dict[str, Any]

@@ -8,13 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from foof.capture import KFAC_APPROXIMATIONS
 from foof.curvature.kronecker import (
     eigendecomposition,
     heuristic_inverses,
     pi_factor,
     standard_damped_solve,
 )
-from foof.curvature.linalg import damped_cholesky, damped_inverse
+from foof.curvature.linalg import damped_cholesky, damped_inverse, right_multiply
 from foof.curvature.sampling import FISHER_TYPES, LIKELIHOODS, FisherSampler
 from foof.optim.kronecker import KroneckerFactoredOptimizer
 from foof.validation import check_choice
@@ -105,6 +106,12 @@ class KFAC(KroneckerFactoredOptimizer):
         param_groups, fallback, fallback_options: parameter groups with their own options,
             and the optimizer of the parameters outside every layer (default AdamW, ``None``
             for plain SGD), as in :class:`~foof.optim.foof.FOOF`.
+        kfac_approx: weight sharing (Eschenhagen et al., NeurIPS 2023): ``"expand"`` (default,
+            every position a row, as above); ``"reduce"``: per sample ``n`` with ``P``
+            positions, ``Ā = (1/B) Σ_n ā_n ā_nᵀ`` with ``ā_n = (1/P) Σ_p ā_{n,p}`` and
+            ``Ḡ = (1/(B·P)) Σ_k Σ_n ê_n ê_nᵀ`` with ``ê_n = Σ_p e_{n,p}``, so ``Ā ⊗ Ḡ`` keeps
+            the Fisher's per-row normalisation. Exact (for the layer's Fisher block) when a
+            sample's inputs are the same at all its positions.
 
     Example:
         >>> import torch
@@ -148,8 +155,10 @@ class KFAC(KroneckerFactoredOptimizer):
         param_groups: Iterable[dict[str, Any]] | None = None,
         fallback: type[torch.optim.Optimizer] | str | None = torch.optim.AdamW,
         fallback_options: dict[str, Any] | None = None,
+        kfac_approx: str = "expand",
     ) -> None:
         check_choice("damping_mode", damping_mode, DAMPING_MODES)
+        check_choice("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)
         check_choice("fisher", fisher, FISHER_TYPES)
         check_choice("likelihood", likelihood, LIKELIHOODS)
         if damping_mode == "standard" and not damping > 0:
@@ -177,8 +186,11 @@ class KFAC(KroneckerFactoredOptimizer):
             likelihood=likelihood,
             second_factor=second_factor,
             nonfinite=nonfinite,
+            kfac_approx=kfac_approx,
         )
-        self.sampler = FisherSampler(fisher, likelihood, seed, owner=type(self).__name__)
+        self.sampler = FisherSampler(
+            fisher, likelihood, seed, owner=type(self).__name__, kfac_approx=kfac_approx
+        )
 
     factor_keys = (
         "input_covariance",
@@ -354,8 +366,8 @@ class KFAC(KroneckerFactoredOptimizer):
                 if two_sided:
                     g = torch.cholesky_solve(g, state["gradient_cholesky"])
                 direction = torch.cholesky_solve(g.T, state["input_cholesky"]).T
-            elif two_sided:
-                direction = state["gradient_inverse"] @ g @ state["input_inverse"]
+            elif two_sided:  # input_inverse is (in_dim,) for an embedding's diagonal Ā
+                direction = right_multiply(state["gradient_inverse"] @ g, state["input_inverse"])
             else:
-                direction = g @ state["input_inverse"]
+                direction = right_multiply(g, state["input_inverse"])
         return direction.to(grad.dtype)

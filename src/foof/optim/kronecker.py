@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from foof import distributed
-from foof.capture import layer_in_dim
+from foof.capture import is_block, layer_in_dim, layer_out_dim, token_frequencies
 from foof.curvature.linalg import update_ema_, update_second_moment_ema_
 from foof.optim.base import CurvatureOptimizer
 from foof.validation import check_choice, check_int, check_range
@@ -113,6 +113,7 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
 
     uses_gradient_factor = False
     global_options = ("inv_every", "stats_steps", "inv_warmup", "inverse_sharding", "nonfinite")
+    supports = staticmethod(is_block)
 
     def __init__(
         self,
@@ -322,8 +323,8 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         Returns:
             ``(E, A)`` in ``grad``'s factor dtype, or None for the dense product.
         """
-        if not self.uses_low_rank():
-            return None
+        if not self.uses_low_rank() or isinstance(module, nn.Embedding):
+            return None  # an embedding's diagonal Σ makes its dense product O(out·V) already
         # decide from shapes before materialising anything: for a convolution the rows
         # (unfolded patches) cost more to build than the dense product they would replace
         recorded = self.capture.records[module].output_grads
@@ -360,6 +361,17 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
     def two_sided(self, group: dict[str, Any]) -> bool:
         """Whether the product also multiplies ``Ĝ`` from the left (KFAC's ``Ḡ⁻¹``)."""
         return False
+
+    def statistic_rows(self, module: nn.Module) -> Tensor | None:
+        """The rows ``Ā``/``Σ`` is the mean outer product of, by the group's ``kfac_approx``.
+
+        ``"expand"``: this step's :meth:`layer_rows` (one per sample and position, also those of
+        the low-rank product); ``"reduce"``: one row per sample, the mean over its positions
+        (:func:`foof.capture.input_rows`).
+        """
+        if self.param_groups[0].get("kfac_approx", "expand") == "reduce":
+            return self.capture.inputs(module, kfac_approx="reduce")
+        return self.layer_rows(module)
 
     def precondition_rows(
         self, module: nn.Module, output_grads: Tensor, rows: Tensor, group: dict[str, Any]
@@ -459,13 +471,21 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
             for _, module, state in active:
                 decay = self.group_of(module.weight)["ema_decay"]
                 dtype = factor_dtype(module.weight)
-                rows = self.layer_rows(module)
-                if rows is not None and rows.shape[0] > 0:  # a layer no row reached: no mean
-                    state["input_covariance"] = update_second_moment_ema_(
-                        state.get("input_covariance"), rows.to(dtype), rows.shape[0], decay
-                    )
+                if isinstance(module, nn.Embedding):  # diagonal Σ: token frequencies
+                    inputs = self.capture.records[module].inputs
+                    frequencies, count = token_frequencies(module, inputs) if inputs else (0, 0)
+                    if count > 0:
+                        state["input_covariance"] = update_ema_(
+                            state.get("input_covariance"), frequencies.to(dtype), decay
+                        )
+                else:
+                    rows = self.statistic_rows(module)
+                    if rows is not None and rows.shape[0] > 0:  # no row reached it: no mean
+                        state["input_covariance"] = update_second_moment_ema_(
+                            state.get("input_covariance"), rows.to(dtype), rows.shape[0], decay
+                        )
                 if module in gradients:  # Ḡ = (1/B) Σ_k Σ_r e_{k,r} e_{k,r}ᵀ from (K, rows, out)
-                    flat = gradients[module].reshape(-1, module.weight.shape[0]).to(dtype)
+                    flat = gradients[module].reshape(-1, layer_out_dim(module)).to(dtype)
                     state["gradient_covariance"] = update_second_moment_ema_(
                         state.get("gradient_covariance"), flat, batch_size, decay
                     )
@@ -507,24 +527,34 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         for _, module, _ in layers:
             weight = module.weight
             dtype = factor_dtype(weight)
-            in_dim = layer_in_dim(module)
-            rows = self.layer_rows(module)
-            if rows is None:
-                input_sum = weight.new_zeros(in_dim, in_dim, dtype=dtype)
-                input_count = 0
+            in_dim, out = layer_in_dim(module), layer_out_dim(module)
+            diagonal = isinstance(module, nn.Embedding)
+            if diagonal:  # token counts, summed over ranks like any other sum
+                inputs = self.capture.records[module].inputs
+                frequencies, input_count = token_frequencies(module, inputs) if inputs else (0, 0)
+                input_sum = (
+                    frequencies.to(dtype) * input_count
+                    if input_count
+                    else weight.new_zeros(in_dim, dtype=dtype)
+                )
             else:
-                rows = rows.to(dtype)
-                input_sum, input_count = rows.T @ rows, rows.shape[0]
+                rows = self.statistic_rows(module)
+                if rows is None:
+                    input_sum = weight.new_zeros(in_dim, in_dim, dtype=dtype)
+                    input_count = 0
+                else:
+                    rows = rows.to(dtype)
+                    input_sum, input_count = rows.T @ rows, rows.shape[0]
             tensors.append(input_sum)
             # counts travel in the factors' dtype, exact up to 2^24 rows per step in float32
             tensors.append(weight.new_tensor([input_count], dtype=dtype))
-            symmetric += [True, False]
+            symmetric += [not diagonal, False]
             if self.uses_gradient_factor:
                 if module in gradients:
-                    flat = gradients[module].reshape(-1, weight.shape[0]).to(dtype)
+                    flat = gradients[module].reshape(-1, out).to(dtype)
                     gradient_sum, gradient_count = flat.T @ flat, batch_size
                 else:
-                    gradient_sum = weight.new_zeros(weight.shape[0], weight.shape[0], dtype=dtype)
+                    gradient_sum = weight.new_zeros(out, out, dtype=dtype)
                     gradient_count = 0
                 tensors += [gradient_sum, weight.new_tensor([gradient_count], dtype=dtype)]
                 symmetric += [True, False]
