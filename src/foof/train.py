@@ -594,6 +594,22 @@ def train(
     return results
 
 
+def warm_start_indices(
+    n: int, batch: int, count: int, seed: int, device: torch.device | str = "cpu"
+) -> list[Tensor]:
+    """The ``count`` mini-batches (indices into ``n`` samples) of App. K's initialisation.
+
+    Drawn from their own permutations (generator seeded ``seed + 2``, repeated when ``count``
+    batches need more than ``n`` samples), so the training order does not depend on them.
+    ``foof train`` and ``foof bench`` both take their warm-start batches here.
+    """
+    generator = torch.Generator().manual_seed(seed + 2)
+    order = torch.cat(
+        [torch.randperm(n, generator=generator) for _ in range(math.ceil(count * batch / n))]
+    ).to(device)
+    return [order[i * batch : (i + 1) * batch] for i in range(count)]
+
+
 def _warm_start(
     optimizer: torch.optim.Optimizer,
     model: nn.Module,
@@ -605,22 +621,15 @@ def _warm_start(
 ) -> int:
     """App. K's initialisation: ``config.init_batches`` batches of statistics, no update.
 
-    The batches come from their own permutation (generator seeded ``seed + 2``), so the
-    training order does not depend on ``init_batches``; under ``torch.distributed`` each rank
-    takes its slice of every global batch, as in training. No augmentation.
+    The batches are :func:`warm_start_indices`; under ``torch.distributed`` each rank takes its
+    slice of every global batch, as in training. No augmentation.
     """
-    n = len(x_train)
-    generator = torch.Generator().manual_seed(config.seed + 2)
-    order = torch.cat(
-        [
-            torch.randperm(n, generator=generator)
-            for _ in range(math.ceil(config.init_batches * batch / n))
-        ]
-    ).to(x_train.device)
     rank, world = distributed.rank(), distributed.world_size()
     indices = [
-        order[i * batch : (i + 1) * batch].tensor_split(world)[rank]
-        for i in range(config.init_batches)
+        index.tensor_split(world)[rank]
+        for index in warm_start_indices(
+            len(x_train), batch, config.init_batches, config.seed, x_train.device
+        )
     ]
     return optimizer.warm_start(
         ((x_train[index], y_train[index]) for index in indices),

@@ -27,6 +27,7 @@ from foof.benchmarks.methods import Method, Workload
 from foof.benchmarks.timing import Log, build_stepper
 from foof.data import Dataset
 from foof.optim.kronecker import WARM_START_BATCHES
+from foof.train import warm_start_indices
 
 
 @dataclass(frozen=True)
@@ -132,10 +133,8 @@ def _warm_start(stepper: Any, x_train: Tensor, y_train: Tensor, batch: int, seed
     optimizer = getattr(stepper, "optimizer", None)
     if not hasattr(optimizer, "warm_start"):
         return 0.0
-    generator = torch.Generator().manual_seed(seed + 2)
-    order = torch.randperm(len(y_train), generator=generator).to(x_train.device)
-    chunks = order.split(batch)
-    batches = ((x_train[i], y_train[i]) for i in chunks[:WARM_START_BATCHES])
+    indices = warm_start_indices(len(y_train), batch, WARM_START_BATCHES, seed, x_train.device)
+    batches = ((x_train[i], y_train[i]) for i in indices)
     start = time.perf_counter()
     optimizer.warm_start(batches, loss_fn=stepper.loss_fn, model=stepper.model)
     return time.perf_counter() - start

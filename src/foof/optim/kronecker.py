@@ -12,6 +12,7 @@ broadcast.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -270,14 +271,12 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
         buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
         was_training = model.training
         used = 0
-        self.zero_grad()
-        self.clear_records()
         self._warming_up = True
         try:
             model.train()
-            for index, (inputs, targets) in enumerate(batches):
-                if index >= num_batches:
-                    break
+            for inputs, targets in itertools.islice(batches, num_batches):
+                self.zero_grad()  # each batch alone: its statistics, no gradient kept
+                self.clear_records()
                 with torch.enable_grad():  # the capture records only passes under autograd
                     output = model(inputs)
                     if self.uses_gradient_factor:  # Ḡ needs the Fisher's backward pass
@@ -289,8 +288,6 @@ class KroneckerFactoredOptimizer(CurvatureOptimizer):
                     ):
                         self.update_statistics(group)
                     used += 1
-                self.zero_grad()
-                self.clear_records()
         finally:
             self._warming_up = False
             self._step_rows = {}
